@@ -1,0 +1,107 @@
+"""Causal depthwise 1-D convolution, with the semantics of ``causal_conv1d_fn``.
+
+Shapes: x (batch, dim, length), weight (dim, width), bias (dim,),
+initial_states / final states (batch, dim, width - 1).
+
+``causal_conv1d`` uses the CUDA kernel of the ``causal-conv1d`` package when the
+input is on a GPU and the package is importable, and ``F.conv1d`` otherwise.
+``causal_conv1d_reference`` is an explicit loop over the taps, the ground truth
+the fast paths are tested against.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except Exception as exc:  # ImportError, or CUDA/ABI errors of a CPU-only install
+    logger.debug("causal_conv1d CUDA kernel unavailable: %r", exc)
+    causal_conv1d_fn = None
+
+HAS_CUDA_CONV = causal_conv1d_fn is not None
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check(x, weight, bias, activation, initial_states):
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, dim, length), got shape {tuple(x.shape)}")
+    dim = x.shape[1]
+    if weight.dim() != 2 or weight.shape[0] != dim or weight.shape[1] < 1:
+        raise ValueError(
+            f"weight must be (dim={dim}, width>=1), got shape {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (dim,):
+        raise ValueError(f"bias must be (dim={dim},), got shape {tuple(bias.shape)}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    width = weight.shape[1]
+    if initial_states is not None:
+        want = (x.shape[0], dim, width - 1)
+        if tuple(initial_states.shape) != want:
+            raise ValueError(
+                f"initial_states must be (batch, dim, width-1)={want}, "
+                f"got shape {tuple(initial_states.shape)}"
+            )
+
+
+def _pad_left(x, width, initial_states):
+    """Prepend the width-1 past frames: zeros, or the streaming state."""
+    if initial_states is None:
+        return F.pad(x, (width - 1, 0))
+    return torch.cat([initial_states.to(x.dtype), x], dim=-1)
+
+
+def _finish(out, padded, width, activation, return_final_states):
+    if activation is not None:
+        out = F.silu(out)
+    if not return_final_states:
+        return out
+    # The last width-1 input frames (zeros/initial state if the input is shorter).
+    final = padded[..., padded.shape[-1] - (width - 1):]
+    return out, final.contiguous()
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
+                  return_final_states=False):
+    """out[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (width-1) + k]).
+
+    Frames before t=0 are zeros, or ``initial_states`` (the previous width-1
+    input frames) so a stream can be continued exactly chunk by chunk.
+    Returns out (batch, dim, length), plus the final states
+    (batch, dim, width-1) when ``return_final_states``.
+    """
+    _check(x, weight, bias, activation, initial_states)
+    width = weight.shape[1]
+    # The kernel is only used for the plain case: its state-passing variant
+    # needs a channel-last layout, and the PyTorch path is exact anyway.
+    if (x.is_cuda and HAS_CUDA_CONV and initial_states is None
+            and not return_final_states and 2 <= width <= 4):
+        return causal_conv1d_fn(x, weight, bias, activation=activation)
+    padded = _pad_left(x, width, initial_states)
+    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1])
+    return _finish(out, padded, width, activation, return_final_states)
+
+
+def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_states=None,
+                            return_final_states=False):
+    """Same as :func:`causal_conv1d`, written as an explicit sum over taps (fp32)."""
+    _check(x, weight, bias, activation, initial_states)
+    dtype_in = x.dtype
+    width, length = weight.shape[1], x.shape[-1]
+    padded = _pad_left(x.float(), width, initial_states)
+    w = weight.float()
+    out = torch.zeros_like(padded[..., width - 1:])
+    for k in range(width):
+        # Tap k looks (width-1-k) frames into the past.
+        out = out + w[:, k, None] * padded[..., k:k + length]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    result = _finish(out, padded, width, activation, return_final_states)
+    if return_final_states:
+        return result[0].to(dtype_in), result[1].to(dtype_in)
+    return result.to(dtype_in)

@@ -1,0 +1,126 @@
+"""Selective scan (Mamba's S6 recurrence) with mamba-ssm's ``selective_scan_fn`` API.
+
+Shapes (b = batch, d = dim, n = d_state, l = length, g = groups):
+    u, delta, z      (b, d, l)
+    A                (d, n), real
+    B, C             (b, n, l) or grouped (b, g, n, l), d % g == 0
+    D, delta_bias    (d,)
+    out              (b, d, l) in u's dtype
+    last_state       (b, d, n) in the compute dtype (fp32, or fp64 for fp64 inputs)
+
+Per channel d and time t (delta' = softplus(delta + delta_bias) if asked):
+    h_t = exp(delta'_t A) * h_{t-1} + delta'_t u_t B_t      (h_{-1} = 0)
+    y_t = <h_t, C_t> + D u_t ;  out_t = y_t * silu(z_t)
+
+The state math is always done in at least fp32, also under ``torch.autocast``.
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+except Exception as exc:  # ImportError, or CUDA/ABI errors of a CPU-only install
+    logger.debug("mamba_ssm selective_scan CUDA kernel unavailable: %r", exc)
+    selective_scan_fn = None
+    mamba_inner_fn = None
+
+HAS_CUDA_SCAN = selective_scan_fn is not None
+
+
+def _shape(t):
+    return None if t is None else tuple(t.shape)
+
+
+def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """Validate shapes; raise ValueError naming the bad argument. Returns groups."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, length), got shape {_shape(u)}")
+    batch, dim, length = u.shape
+    if _shape(delta) != _shape(u):
+        raise ValueError(f"delta must have u's shape {_shape(u)}, got shape {_shape(delta)}")
+    if A.is_complex() or A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be real (dim={dim}, d_state), got shape {_shape(A)} "
+                         f"dtype {A.dtype}")
+    d_state = A.shape[1]
+    groups = None
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3 and _shape(t) == (batch, d_state, length):
+            g = 1
+        elif (t.dim() == 4 and t.shape[0] == batch and t.shape[2:] == (d_state, length)
+              and t.shape[1] > 0 and dim % t.shape[1] == 0):
+            g = t.shape[1]
+        else:
+            raise ValueError(
+                f"{name} must be (batch, d_state, length)={(batch, d_state, length)} or "
+                f"(batch, groups, d_state, length) with dim % groups == 0, "
+                f"got shape {_shape(t)}")
+        if groups is not None and g != groups:
+            raise ValueError(f"B and C must have the same groups, got shapes "
+                             f"{_shape(B)} and {_shape(C)}")
+        groups = g
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and _shape(t) != (dim,):
+            raise ValueError(f"{name} must be (dim={dim},), got shape {_shape(t)}")
+    if z is not None and _shape(z) != _shape(u):
+        raise ValueError(f"z must have u's shape {_shape(u)}, got shape {_shape(z)}")
+    return groups
+
+
+def compute_dtype(u):
+    """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(torch.float32, u.dtype)
+
+
+def _as_grouped(t):
+    """(b, n, l) -> (b, 1, n, l); grouped input unchanged."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                             delta_softplus=False, return_last_state=False):
+    """Plain sequential loop over time; the ground truth for every fast path."""
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    batch, dim, length = u.shape
+    ct = compute_dtype(u)
+    with torch.autocast(u.device.type, enabled=False):
+        dt = delta.to(ct)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(ct)[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
+        uc = u.to(ct)
+        Bg, Cg = _as_grouped(B).to(ct), _as_grouped(C).to(ct)
+        rep = dim // Bg.shape[1]  # channels per group
+        Bd = Bg.repeat_interleave(rep, dim=1)  # (b, d, n, l)
+        Cd = Cg.repeat_interleave(rep, dim=1)
+        Ac = A.to(ct)
+        h = u.new_zeros((batch, dim, A.shape[1]), dtype=ct)
+        ys = []
+        for t in range(length):
+            dA = torch.exp(dt[:, :, t, None] * Ac)
+            h = dA * h + (dt[:, :, t] * uc[:, :, t])[:, :, None] * Bd[:, :, :, t]
+            ys.append((h * Cd[:, :, :, t]).sum(-1))
+        y = torch.stack(ys, dim=2) if ys else uc.new_zeros(uc.shape)
+        if D is not None:
+            y = y + uc * D.to(ct)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(ct))
+    out = y.to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                   delta_softplus=False, return_last_state=False):
+    """mamba-ssm's CUDA kernel on GPU when available, else the CPU fast path."""
+    check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if u.is_cuda and HAS_CUDA_SCAN:
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state)
+    # First version: the reference; the chunked autograd.Function replaces it.
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    return_last_state)
