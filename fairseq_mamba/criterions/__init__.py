@@ -1,0 +1,1 @@
+from .mamba_hubert_criterion import MambaHubertCriterion, MambaHubertCriterionConfig  # noqa: F401

@@ -1,0 +1,1 @@
+from .mamba_hubert import MambaEncoder, MambaHubertConfig, MambaHubertModel  # noqa: F401

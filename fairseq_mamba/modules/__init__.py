@@ -1,0 +1,2 @@
+from .mamba_layer import BIMAMBA_TYPES, MambaEncoderLayer, build_mamba_encoder_layer, build_mixer_cls  # noqa: F401
+from .mamba_mixer import ExternalBiMamba, Mamba, SelectiveSSM  # noqa: F401

@@ -1,0 +1,203 @@
+"""Padding-aware selective-state-space mixers: one-directional Mamba and the bidirectional variants.
+
+Shapes follow state-spaces/mamba: a mixer maps hidden states (batch, length, d_model) to the
+same shape. Batches are right-padded (fairseq's collaters pad at the end); a mixer takes the
+(batch, length) boolean ``padding_mask`` (True = padding) and guarantees that a valid frame
+never sees a padded one:
+
+* the forward direction is causal, so padded frames (all after the valid ones) cannot reach it;
+* the backward direction reverses each sequence *within its own length*, so after the
+  reversal the padding is still at the end and the same causal argument holds;
+* padded inputs are zeroed first, so NaN/inf garbage cannot leak through ``0 * x`` products.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fairseq_mamba import ops
+
+
+def lengths_from_padding_mask(padding_mask: Optional[torch.Tensor], batch: int, length: int, device):
+    """(batch, length) right-padding mask -> (batch,) valid lengths; ValueError if not right-padded."""
+    if padding_mask is None:
+        return torch.full((batch,), length, dtype=torch.long, device=device)
+    if padding_mask.shape != (batch, length):
+        raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(batch, length)}")
+    lengths = (~padding_mask).sum(-1)
+    right_padded = torch.arange(length, device=device)[None, :] >= lengths[:, None]
+    if not torch.equal(right_padded, padding_mask.bool()):
+        raise ValueError(
+            "padding_mask is not right-padded (valid frames must come first in every row); "
+            "bidirectional Mamba reverses each sequence within its length and needs that layout"
+        )
+    return lengths
+
+
+def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reverse ``x`` along ``dim`` per batch row, only over the first ``lengths[b]`` positions.
+
+    Padded positions stay where they are, so the operation is its own inverse.
+    ``x``: batch first; ``dim`` is the time axis.
+    """
+    length = x.shape[dim]
+    t = torch.arange(length, device=x.device)[None, :]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (batch, length)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = x.shape[0], length
+    return x.gather(dim, index.view(shape).expand_as(x))
+
+
+class SelectiveSSM(nn.Module):
+    """The part of a Mamba block that has a direction: causal conv, input-dependent (Δ, B, C), scan.
+
+    forward(x, z) with x, z: (batch, d_inner, length) -> y: (batch, d_inner, length), gated by z.
+    """
+
+    def __init__(self, d_inner, d_state=16, d_conv=4, dt_rank=None, dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4, conv_bias=True):
+        super().__init__()
+        self.d_inner, self.d_state = d_inner, d_state
+        self.dt_rank = dt_rank
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        # Kept out of weight decay by optimisers that look for it (as in mamba-ssm).
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.last_delta_mean: Optional[torch.Tensor] = None
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self):
+        """Mamba's special initialisation of Δ, A and D.
+
+        Called again by the encoder after fairseq's ``init_bert_params`` has re-initialised every
+        Linear (which would zero the Δ bias and give softplus(0) = 0.69, far outside [dt_min, dt_max]).
+        """
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        self.A_log.copy_(torch.log(A))  # S4D-real
+        self.D.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, valid: Optional[torch.Tensor] = None):
+        """x, z: (batch, d_inner, length); valid: optional (batch, length) bool for the Δ statistic."""
+        length = x.shape[-1]
+        x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (batch, length, r + 2n)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length)
+        A = -torch.exp(self.A_log.float())
+        self._record_delta(dt, valid, length)
+        return ops.selective_scan(
+            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )
+
+    @torch.no_grad()
+    def _record_delta(self, dt, valid, length):
+        # Mean step size Δ over valid frames: a cheap health signal logged by the criterion
+        # (collapsing Δ means the layer stopped reading its input; exploding Δ, it forgets at once).
+        if not self.training or length == 0:
+            self.last_delta_mean = None
+            return
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]).mean(1)  # (batch, length)
+        self.last_delta_mean = delta.mean() if valid is None else delta[valid].mean()
+
+
+class Mamba(nn.Module):
+    """Mamba mixer with shared in/out projections over one or two scan directions.
+
+    ``directions=("forward",)`` is the causal Mamba of Gu & Dao; ``("forward", "backward")`` is
+    Vim's bidirectional "v2" block (shared projections and gate, a conv and SSM per direction,
+    outputs averaged before the out projection). Input/output: (batch, length, d_model).
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto",
+                 directions: Sequence[str] = ("forward",), bias=False, conv_bias=True):
+        super().__init__()
+        unknown = set(directions) - {"forward", "backward"}
+        if unknown or not directions:
+            raise ValueError(f"directions={tuple(directions)!r}; use 'forward' and/or 'backward'")
+        self.d_model, self.d_inner = d_model, int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.directions = tuple(directions)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.ssms = nn.ModuleList(  # one per entry of self.directions
+            SelectiveSSM(self.d_inner, d_state, d_conv, self.dt_rank, conv_bias=conv_bias)
+            for _ in self.directions
+        )
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """hidden: (batch, length, d_model); padding_mask: (batch, length) bool, True = pad."""
+        batch, length, _ = hidden.shape
+        lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
+        valid = None if padding_mask is None else ~padding_mask
+        if valid is not None:
+            hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
+        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, length)
+        if self._use_fused_kernel(xz):
+            return self._fused_forward(xz)
+        y = 0
+        for direction, ssm in zip(self.directions, self.ssms):
+            if direction == "forward":
+                x, z = xz.chunk(2, dim=1)
+                y = y + ssm(x, z, valid)
+            else:
+                x, z = reverse_within_lengths(xz, lengths, dim=2).chunk(2, dim=1)
+                y = y + reverse_within_lengths(ssm(x, z, valid), lengths, dim=2)
+        y = y / len(self.ssms)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _use_fused_kernel(self, xz):
+        # mamba-ssm's fused conv+scan+out_proj kernel covers the one-direction case; its padding
+        # needs no care because padding is at the end and the kernel is causal.
+        return xz.is_cuda and ops.mamba_inner_fn is not None and self.directions == ("forward",)
+
+    def _fused_forward(self, xz):
+        ssm = self.ssms[0]
+        ssm.last_delta_mean = None  # not observable inside the fused kernel
+        out = ops.mamba_inner_fn(
+            xz, ssm.conv1d.weight, ssm.conv1d.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
+            self.out_proj.weight, self.out_proj.bias, -torch.exp(ssm.A_log.float()), None, None,
+            ssm.D.float(), delta_bias=ssm.dt_proj.bias.float(), delta_softplus=True,
+        )
+        return out  # (batch, length, d_model)
+
+
+class ExternalBiMamba(nn.Module):
+    """Two independent causal Mambas, one reading each sequence backwards (the paper's ExtBiMamba).
+
+    merge="concat": concatenate both outputs and project back with a Linear (as the authors);
+    merge="sum": add them. Input/output: (batch, length, d_model).
+    """
+
+    def __init__(self, d_model, merge="concat", **mamba_kwargs):
+        super().__init__()
+        if merge not in ("concat", "sum"):
+            raise ValueError(f"bimamba_merge={merge!r}; use 'concat' or 'sum'")
+        self.forward_mamba = Mamba(d_model, directions=("forward",), **mamba_kwargs)
+        self.backward_mamba = Mamba(d_model, directions=("forward",), **mamba_kwargs)
+        self.merge = nn.Linear(2 * d_model, d_model) if merge == "concat" else None
+
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        batch, length, _ = hidden.shape
+        lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
+        y_fwd = self.forward_mamba(hidden, padding_mask)
+        y_bwd = reverse_within_lengths(
+            self.backward_mamba(reverse_within_lengths(hidden, lengths, dim=1), padding_mask),
+            lengths, dim=1,
+        )
+        if self.merge is None:
+            return y_fwd + y_bwd
+        return self.merge(torch.cat([y_fwd, y_bwd], dim=-1))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Creates (or checks) the project's virtual environment `.venv` at the repository root.
+# Idempotent: a finished environment is recognised by a stamp and the script returns at once.
+#
+# Order matters on a CPU machine: torch first (the local CPU wheel), then numpy/cython, then
+# fairseq-fixed built against them with --no-build-isolation (a build-isolated install would
+# pull a CUDA torch), then everything else with torch pinned by a constraints file.
+# A torch that is already importable in .venv (say a CUDA build you installed, or one seen
+# through `python -m venv --system-site-packages .venv`) is kept as it is.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${FAIRSEQ_MAMBA_VENV:-$root/.venv}
+python=${PYTHON:-python3}
+stamp="$venv/.fairseq_mamba_ready"
+want=$(cat "$root/run_scripts/setup_env.sh" "$root/setup.py" | sha1sum | cut -c1-12)
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+echo "[setup_env] preparing $venv (takes a few minutes the first time)" >&2
+[[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
+py="$venv/bin/python"
+pip=("$py" -m pip install --disable-pip-version-check -q)
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  "${pip[@]}" "torch==2.13.0"
+fi
+torch_version=$("$py" -c "import torch; print(torch.__version__)")
+constraints="$venv/constraints.txt"
+echo "torch==$torch_version" >"$constraints"
+"${pip[@]}" -c "$constraints" numpy cython setuptools wheel
+
+if ! "$py" -c "import fairseq" 2>/dev/null; then
+  # fairseq 0.12.2 neither builds nor imports on Python 3.11; fairseq-fixed does (same module name).
+  "${pip[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
+fi
+"${pip[@]}" -c "$constraints" cffi "hydra-core==1.3.2" "omegaconf==2.3.0" regex sacrebleu tqdm \
+  bitarray scikit-learn soundfile sentencepiece npy-append-array joblib matplotlib pytest hypothesis
+"${pip[@]}" -c "$constraints" --no-build-isolation --no-deps -e "$root"
+
+if "$py" -m pip list 2>/dev/null | grep -qi '^nvidia-' && ! "$py" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)"; then
+  echo "[setup_env] CUDA packages appeared beside a CPU torch; something asked for another torch" >&2
+  exit 1
+fi
+echo "$want" >"$stamp"
+echo "[setup_env] ready: torch $torch_version, $("$py" -c 'import fairseq; print("fairseq", fairseq.__version__)' 2>/dev/null)" >&2
