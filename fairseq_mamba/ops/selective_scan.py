@@ -20,6 +20,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan
+
 logger = logging.getLogger(__name__)
 
 try:
@@ -116,11 +118,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False):
-    """mamba-ssm's CUDA kernel on GPU when available, else the CPU fast path."""
+    """mamba-ssm's CUDA kernel on GPU when available, else the chunked PyTorch path."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and HAS_CUDA_SCAN:
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  return_last_state)
-    # First version: the reference; the chunked autograd.Function replaces it.
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                    return_last_state)
+    out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
+                                                 _as_grouped(C), D, z, delta_bias,
+                                                 bool(delta_softplus), CHUNK)
+    return (out, last_state) if return_last_state else out
