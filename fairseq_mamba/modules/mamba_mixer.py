@@ -141,6 +141,8 @@ class Mamba(nn.Module):
     def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """hidden: (batch, length, d_model); padding_mask: (batch, length) bool, True = pad."""
         batch, length, _ = hidden.shape
+        if length == 0:  # nothing to mix; conv kernels refuse empty inputs
+            return hidden.new_zeros(batch, 0, self.d_model)
         lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
         valid = None if padding_mask is None else ~padding_mask
         if valid is not None:
