@@ -1,0 +1,150 @@
+"""Run fairseq's own HuBERT ``simple_kmeans`` scripts with the fixes this environment needs.
+
+Usage::
+
+    python -m fairseq_mamba.upstream <script> args...
+    # e.g.
+    python -m fairseq_mamba.upstream dump_mfcc_feature <tsv_dir> train 1 0 <feat_dir>
+    python -m fairseq_mamba.upstream learn_kmeans <feat_dir> train 1 <km_path> 100 --percent -1
+    python -m fairseq_mamba.upstream dump_km_label <feat_dir> train <km_path> 1 0 <lab_dir>
+    python -m fairseq_mamba.upstream dump_hubert_feature <tsv_dir> train <ckpt> <layer> 1 0 <feat_dir>
+
+``<script>`` names a file in ``fairseq/examples/hubert/simple_kmeans/`` of the *installed* fairseq
+(no copies live in this repository).  It is run with :func:`runpy.run_path` as ``__main__``, with
+its directory first on ``sys.path`` (the scripts ``from feature_utils import ...``) and
+``sys.argv`` set to ``[script_path, *args]``.  Before that, these fixes are applied:
+
+1. **torchaudio without its C++ extension.**  The torchaudio wheels that match torch 2.13 are not
+   installable here; ``pip install --no-deps torchaudio==2.11.0`` gives a package whose pure-Python
+   parts (``torchaudio.compliance.kaldi.mfcc``, ``torchaudio.functional.compute_deltas``, all that
+   ``dump_mfcc_feature.py`` uses) work, but whose ``import torchaudio`` fails while loading the
+   compiled ``_torchaudio`` library.  Only when a plain ``import torchaudio`` fails, a stub
+   ``torchaudio._extension`` module (``_IS_TORCHAUDIO_EXT_AVAILABLE = False``,
+   ``_IS_ALIGN_AVAILABLE = False``, ``fail_if_no_align`` = identity decorator) is put into
+   ``sys.modules`` first, so the import skips the library.  A working torchaudio is used as is.
+
+2. **``torchaudio.sox_effects`` is gone** from new torchaudio, but fairseq's
+   ``data/audio/audio_utils.convert_waveform`` imports it on every audio read.  If it cannot be
+   imported, a stub module is installed whose ``apply_effects_tensor`` raises a ``ValueError``
+   explaining that audio must already be 16 kHz mono (and giving the ``sox`` command to convert
+   it).  It is only called when resampling / down-mixing is actually needed.
+
+3. **CPU-only machines.**  ``dump_hubert_feature.py`` calls ``.cuda()`` on the model and the
+   input unconditionally.  When CUDA is not available, ``torch.nn.Module.cuda`` and
+   ``torch.Tensor.cuda`` are replaced by no-ops (everything stays on the CPU).  With a GPU nothing
+   is changed.
+
+4. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
+   (so ``load_model_ensemble_and_task`` can rebuild a mamba_hubert checkpoint) and adds fairseq's
+   config classes to torch's ``weights_only`` allow-list (torch >= 2.6 default).
+"""
+import importlib
+import os
+import runpy
+import sys
+import types
+
+SOX_HELP = (
+    "fairseq asked torchaudio.sox_effects to {what}, but sox effects are not available in this "
+    "torchaudio. The audio must already be 16 kHz mono; convert it first, e.g.\n"
+    "  sox in.wav -r 16000 -c 1 -b 16 out.wav      (or: ffmpeg -i in.wav -ar 16000 -ac 1 out.wav)"
+)
+
+
+def _apply_effects_tensor(tensor, sample_rate, effects, channels_first=True):
+    raise ValueError(SOX_HELP.format(what=f"apply {effects} to {sample_rate} Hz audio"))
+
+
+def _stub_sox_effects(torchaudio_mod=None):
+    sox = types.ModuleType("torchaudio.sox_effects")
+    sox.apply_effects_tensor = _apply_effects_tensor
+    sox.__doc__ = "fairseq_mamba stub: sox effects are not available; audio must be 16 kHz mono."
+    sys.modules["torchaudio.sox_effects"] = sox
+    if torchaudio_mod is not None:
+        torchaudio_mod.sox_effects = sox
+    return sox
+
+
+def patch_torchaudio():
+    """Make ``import torchaudio`` and ``torchaudio.sox_effects`` importable (fixes 1 and 2).
+
+    Returns the torchaudio module, or ``None`` when torchaudio is not installed at all.
+    """
+    try:
+        import torchaudio  # noqa: F401
+    except ImportError as err:
+        if "No module named 'torchaudio'" in str(err):
+            _stub_sox_effects()
+            return None
+        torchaudio = None
+    except OSError:  # the compiled library cannot be loaded
+        torchaudio = None
+    if torchaudio is None:
+        for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
+            del sys.modules[name]
+        ext = types.ModuleType("torchaudio._extension")
+        ext._IS_TORCHAUDIO_EXT_AVAILABLE = False
+        ext._IS_ALIGN_AVAILABLE = False
+        ext.fail_if_no_align = lambda f: f
+        sys.modules["torchaudio._extension"] = ext
+        torchaudio = importlib.import_module("torchaudio")
+        torchaudio._extension = ext
+    # Pure-Python parts the HuBERT scripts use; fail early if they cannot load.
+    importlib.import_module("torchaudio.compliance.kaldi")
+    importlib.import_module("torchaudio.functional")
+    try:
+        importlib.import_module("torchaudio.sox_effects")
+    except Exception:
+        _stub_sox_effects(torchaudio)
+    return torchaudio
+
+
+def patch_cuda_calls():
+    """Fix 3: make ``.cuda()`` a no-op when CUDA is not available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    torch.nn.Module.cuda = lambda self, device=None: self
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    return True
+
+
+def simple_kmeans_dir():
+    import fairseq
+
+    d = os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert", "simple_kmeans")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"fairseq's HuBERT simple_kmeans scripts are not at {d}")
+    return d
+
+
+def apply_all():
+    patch_torchaudio()
+    patch_cuda_calls()
+    import fairseq_mamba  # noqa: F401  (fix 4)
+
+
+def run(script, args):
+    apply_all()
+    d = simple_kmeans_dir()
+    name = script[:-3] if script.endswith(".py") else script
+    path = os.path.join(d, name + ".py")
+    if not os.path.isfile(path):
+        avail = sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py"))
+        raise SystemExit(f"unknown script {script!r}; available in {d}: {', '.join(avail)}")
+    sys.path.insert(0, d)
+    sys.argv = [path, *args]
+    runpy.run_path(path, run_name="__main__")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    run(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    main()
