@@ -23,6 +23,8 @@ Chunk layouts (T = chunk length, g = groups, e = dim // g):
     per-step values (T, b, d); B/C chunks (T, b, g, n); state chunks (T, b, d, n).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,77 +33,118 @@ CHUNK = 16
 
 
 def _tbd(x, t0, t1, dtype):
-    """(b, d, l) slice [t0, t1) -> a new contiguous (T, b, d) tensor in ``dtype``.
+    """(b, d, l) slice [t0, t1) -> contiguous (T, b, d) in ``dtype`` (maybe a view).
 
-    Always a copy (callers modify it in place), even when the slice happens to be
-    contiguous already, e.g. for b == 1 and T == 1.
+    Two copies (rows of T, then a plain 2-D transpose) instead of one permuted
+    copy: the second one hits PyTorch's blocked transpose kernel, measured ~2x
+    faster than the generic strided copy.
     """
-    return x[:, :, t0:t1].permute(2, 0, 1).to(dtype, memory_format=torch.contiguous_format,
-                                                copy=True)
+    b, d = x.shape[:2]
+    rows = x[:, :, t0:t1].contiguous().view(b * d, t1 - t0)
+    return rows.t().contiguous().view(t1 - t0, b, d).to(dtype)
 
 
-def _tbgn(x, t0, t1, dtype):
-    """(b, g, n, l) slice [t0, t1) -> contiguous (T, b, g, n) in ``dtype``."""
-    return x[..., t0:t1].permute(3, 0, 1, 2).to(dtype).contiguous()
+def _store_bdl(dst, t0, t1, y):
+    """Write a (T, b, d) chunk into the [t0, t1) slice of the (b, d, l) tensor dst."""
+    T, b, d = y.shape
+    dst[:, :, t0:t1].copy_(y.view(T, b * d).t().contiguous().view(b, d, T))
+
+
+def _tbng(x, t0, t1, dtype):
+    """(b, g, n, l) slice [t0, t1) -> contiguous (T, b, n, g) in ``dtype``."""
+    return x[..., t0:t1].permute(3, 0, 2, 1).to(dtype).contiguous()
 
 
 class _Chunk:
-    """The per-step inputs of one chunk, in the compute dtype, time-major."""
+    """The per-step inputs of one chunk, in the compute dtype, time-major.
+
+    u, dt, dt_raw, dtu, z: (T, b, d); B, C: (T, b, n, g).
+    """
 
     def __init__(self, inputs, t0, t1, ct, softplus):
         u, delta, B, C, z, bias = inputs
         self.u = _tbd(u, t0, t1, ct)
         self.dt_raw = _tbd(delta, t0, t1, ct)
         if bias is not None:
-            self.dt_raw += bias.to(ct)
+            self.dt_raw = self.dt_raw + bias.to(ct)  # not in place: may view delta
         self.dt = F.softplus(self.dt_raw) if softplus else self.dt_raw
-        self.B = _tbgn(B, t0, t1, ct)
-        self.C = _tbgn(C, t0, t1, ct)
+        self.dtu = self.dt * self.u
+        self.B = _tbng(B, t0, t1, ct)
+        self.C = _tbng(C, t0, t1, ct)
         self.z = None if z is None else _tbd(z, t0, t1, ct)
 
 
-def _states(ch, A, h0, a, H):
+def _grouped(S, g):
+    """(T, b, n, d) -> (T, b, n, g, e): the channels of each group last."""
+    T, b, n, d = S.shape
+    return S.view(T, b, n, g, d // g)
+
+
+def _log2e_At(A, ct):
+    """(d, n) -> (n, d) A * log2(e): exp(delta A) = exp2(delta A log2(e)).
+
+    Like mamba-ssm's CUDA kernel we use exp2: on CPU it measured ~4x faster than
+    exp at the same ~1 ulp accuracy. The scaling is done in fp64 so the scaled A
+    carries no more rounding than A itself.
+    """
+    return (A.detach().double() * (1.0 / math.log(2.0))).to(ct).t().contiguous()
+
+
+def _states(ch, At2, h0, a, H):
     """Fill a = exp(delta A) and H = the states h_t of one chunk, from h0.
 
-    A: (d, n); h0: (b, d, n); a, H: (T, b, d, n) buffers.
+    At2: (n, d) from _log2e_At; h0: (b, n, d); a, H: (T, b, n, d) buffers.
     """
-    T, b, d = ch.dt.shape
-    g = ch.B.shape[2]
-    torch.mul(ch.dt.unsqueeze(-1), A, out=a)
-    a.exp_()
-    # delta u B, broadcast over the channels of each group.
-    torch.mul((ch.dt * ch.u).view(T, b, g, d // g, 1), ch.B.unsqueeze(3),
-              out=H.view(T, b, g, d // g, -1))
+    g = ch.B.shape[-1]
+    torch.mul(ch.dt.unsqueeze(2), At2, out=a)
+    a.exp2_()
+    # delta u B, B broadcast over the channels of its group.
+    torch.mul(_grouped(ch.dtu.unsqueeze(2), g), ch.B.unsqueeze(-1), out=_grouped(H, g))
     H[0].addcmul_(a[0], h0)
-    for t in range(1, T):
+    for t in range(1, len(H)):
         H[t].addcmul_(a[t], H[t - 1])
 
 
 def _contract_n(S, V):
-    """sum_n S[t,b,d,n] V[t,b,g(d),n] -> (T, b, d). S: (T,b,d,n), V: (T,b,g,n)."""
-    T, b, d, n = S.shape
-    g = V.shape[2]
-    out = torch.matmul(S.view(T * b * g, d // g, n), V.view(T * b * g, n, 1))
-    return out.view(T, b, d)
+    """sum_n S[t,b,n,d] V[t,b,n,g(d)] -> (T, b, d). A batched vector-matrix product."""
+    T, b, n, d = S.shape
+    return torch.einsum("tbng,tbnge->tbge", V, _grouped(S, V.shape[-1])).reshape(T, b, d)
 
 
-def _contract_d(S, w, g):
-    """sum over the channels d of each group of S[t,b,d,n] w[t,b,d] -> (T, b, g, n)."""
-    T, b, d, n = S.shape
-    St = S.view(T * b * g, d // g, n).transpose(1, 2)
-    return torch.matmul(St, w.reshape(T * b * g, d // g, 1)).view(T, b, g, n)
+def _contract_d(S, w, g, scratch):
+    """sum_{d in group g} S[t,b,n,d] w[t,b,d] -> (T, b, n, g). w: (T, b, d).
+
+    Multiply-then-sum over the contiguous channel axis: measured faster on CPU
+    than the equivalent (strided) batched matrix-vector product.
+    """
+    prod = torch.mul(_grouped(S, g), _grouped(w.unsqueeze(2), g), out=_grouped(scratch, g))
+    return prod.sum(-1)
 
 
-def _buffers(like, length, chunk, b, d, n, ct, count):
+def _buffers(like, length, chunk, b, n, d, ct, count):
     T = min(chunk, max(length, 1))
-    return [like.new_empty((T, b, d, n), dtype=ct) for _ in range(count)]
+    return [like.new_empty((T, b, n, d), dtype=ct) for _ in range(count)]
+
+
+def _out_grads(gout, ch, y, Dc, t0, t1, ct, dz):
+    """From dL/dout of a chunk to gy = dL/dy; writes dz. y = <h, C> + D u (T, b, d)."""
+    T, b, d = ch.u.shape
+    gy = gout.new_zeros((T, b, d), dtype=ct) if gout is None else _tbd(gout, t0, t1, ct)
+    if ch.z is None:
+        return gy
+    sz = torch.sigmoid(ch.z)
+    # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
+    dz_c = gy * y * sz * (1 + ch.z * (1 - sz))
+    _store_bdl(dz, t0, t1, dz_c)
+    return gy * ch.z * sz
 
 
 class ChunkedSelectiveScan(torch.autograd.Function):
     """apply(u, delta, A, B, C, D, z, delta_bias, softplus, chunk).
 
     B and C come grouped: (b, g, n, l). Returns (out (b, d, l) in u's dtype,
-    last_state (b, d, n) in the compute dtype).
+    last_state (b, d, n) in the compute dtype). State buffers are (T, b, n, d):
+    channels innermost, so the contractions over n are vector-matrix products.
     """
 
     @staticmethod
@@ -112,32 +155,32 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         ct = torch.promote_types(torch.float32, u.dtype)
         ctx.ct, ctx.softplus, ctx.chunk = ct, softplus, chunk
         inputs = (u, delta, B, C, z, delta_bias)
-        Ac = A.to(ct)
-        Dc = None if D is None else D.to(ct)
         save = any(ctx.needs_input_grad)
         out = u.new_empty(u.shape)
-        h = u.new_zeros((b, d, n), dtype=ct)
-        a, H = _buffers(u, length, chunk, b, d, n, ct, 2)
+        h = u.new_zeros((b, n, d), dtype=ct)
         bounds = []
         with torch.autocast(u.device.type, enabled=False):
+            At2 = _log2e_At(A, ct)
+            Dc = None if D is None else D.to(ct)
+            a, H = _buffers(u, length, chunk, b, n, d, ct, 2)
             for t0 in range(0, length, chunk):
                 t1 = min(t0 + chunk, length)
                 T = t1 - t0
                 if save:
                     bounds.append(h)
                 ch = _Chunk(inputs, t0, t1, ct, softplus)
-                _states(ch, Ac, h, a[:T], H[:T])
+                _states(ch, At2, h, a[:T], H[:T])
                 y = _contract_n(H[:T], ch.C)
                 if Dc is not None:
                     y += ch.u * Dc
                 if ch.z is not None:
                     y *= F.silu(ch.z)
-                out[:, :, t0:t1].copy_(y.permute(1, 2, 0))
+                _store_bdl(out, t0, t1, y)
                 h = H[T - 1].clone()
         if save:
             ctx.bounds = bounds
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return out, h
+        return out, h.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, gout, glast):
@@ -146,69 +189,64 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         ct, chunk = ctx.ct, ctx.chunk
         b, d, length = u.shape
         n, g = A.shape[1], B.shape[1]
-        Ac = A.to(ct)
-        Dc = None if D is None else D.to(ct)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = None if z is None else torch.empty_like(z)
-        dA = torch.zeros_like(Ac)
         dB = B.new_zeros(B.shape, dtype=ct)
         dC = C.new_zeros(C.shape, dtype=ct)
-        dD = None if D is None else torch.zeros_like(Dc)
+        dAt = A.new_zeros((n, d), dtype=ct)
+        dD = None if D is None else D.new_zeros(d, dtype=ct)
         dbias = None if delta_bias is None else delta_bias.new_zeros(d, dtype=ct)
         # carry = dL/dh at the last step of the chunk, from the steps after it.
-        carry = u.new_zeros((b, d, n), dtype=ct) if glast is None else glast.to(ct)
-        a, H, G = _buffers(u, length, chunk, b, d, n, ct, 3)
+        carry = (u.new_zeros((b, n, d), dtype=ct) if glast is None
+                 else glast.to(ct).transpose(1, 2))
         starts = list(range(0, length, chunk))
         with torch.autocast(u.device.type, enabled=False):
+            At = A.to(ct).t().contiguous()
+            At2 = _log2e_At(A, ct)
+            Dc = None if D is None else D.to(ct)
+            bufs = _buffers(u, length, chunk, b, n, d, ct, 4)
             for k in reversed(range(len(starts))):
                 t0 = starts[k]
                 t1 = min(t0 + chunk, length)
-                T = t1 - t0
                 ch = _Chunk(inputs, t0, t1, ct, ctx.softplus)
+                a, H, G, scratch = (buf[:t1 - t0] for buf in bufs)
                 h0 = ctx.bounds[k]
-                aT, HT, GT = a[:T], H[:T], G[:T]
-                _states(ch, Ac, h0, aT, HT)
-                gy = u.new_zeros((T, b, d), dtype=ct) if gout is None \
-                    else _tbd(gout, t0, t1, ct)
+                _states(ch, At2, h0, a, H)
+                y = None
                 if z is not None:
-                    y = _contract_n(HT, ch.C)
+                    y = _contract_n(H, ch.C)
                     if Dc is not None:
                         y += ch.u * Dc
-                    sz = torch.sigmoid(ch.z)
-                    # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-                    dz_c = gy * y * sz * (1 + ch.z * (1 - sz))
-                    dz[:, :, t0:t1].copy_(dz_c.permute(1, 2, 0))
-                    gy = gy * ch.z * sz
+                gy = _out_grads(gout, ch, y, Dc, t0, t1, ct, dz)
                 du_c = torch.zeros_like(gy) if Dc is None else gy * Dc
                 if Dc is not None:
                     dD += (gy * ch.u).sum((0, 1))
                 # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
-                torch.mul(gy.view(T, b, g, d // g, 1), ch.C.unsqueeze(3),
-                          out=GT.view(T, b, g, d // g, n))
-                GT[T - 1] += carry
-                for t in range(T - 2, -1, -1):
-                    GT[t].addcmul_(aT[t + 1], GT[t + 1])
-                dC[..., t0:t1] = _contract_d(HT, gy, g).permute(1, 2, 3, 0)
-                dtu = ch.dt * ch.u
-                dB[..., t0:t1] = _contract_d(GT, dtu, g).permute(1, 2, 3, 0)
-                d_dtu = _contract_n(GT, ch.B)
-                # q_t = dh_t a_t h_{t-1}, built in place in a.
-                aT.mul_(GT)
-                carry = aT[0].clone()
-                aT[1:].mul_(HT[:-1])
-                aT[0].mul_(h0)
-                q = aT.view(T * b, d, n)
-                ddt = torch.matmul(q.transpose(0, 1), Ac.unsqueeze(-1))  # (d, T*b, 1)
-                ddt = ddt.view(d, T, b).permute(1, 2, 0) + d_dtu * ch.u
-                dt_flat = ch.dt.view(T * b, d).t().unsqueeze(-1)  # (d, T*b, 1)
-                dA += torch.matmul(q.permute(1, 2, 0), dt_flat).squeeze(-1)
+                torch.mul(_grouped(gy.unsqueeze(2), g), ch.C.unsqueeze(-1),
+                          out=_grouped(G, g))
+                G[-1] += carry
+                for t in range(len(G) - 2, -1, -1):
+                    G[t].addcmul_(a[t + 1], G[t + 1])
+                dC[..., t0:t1] = _contract_d(H, gy, g, scratch).permute(1, 3, 2, 0)
+                dB[..., t0:t1] = _contract_d(G, ch.dtu, g, scratch).permute(1, 3, 2, 0)
+                d_dtu = _contract_n(G, ch.B)
+                # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
+                q = a.mul_(G)
+                carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
+                q[1:].mul_(H[:-1])
+                q[0].mul_(h0)
+                ddt = torch.mul(q, At, out=scratch).sum(2) + d_dtu * ch.u
+                dAt += torch.mul(q, ch.dt.unsqueeze(2), out=scratch).sum((0, 1))
                 du_c += d_dtu * ch.dt
                 if ctx.softplus:
-                    ddt = ddt * torch.sigmoid(ch.dt_raw)
+                    ddt *= torch.sigmoid(ch.dt_raw)
                 if dbias is not None:
                     dbias += ddt.sum((0, 1))
-                du[:, :, t0:t1].copy_(du_c.permute(1, 2, 0))
-                ddelta[:, :, t0:t1].copy_(ddt.permute(1, 2, 0))
-        cast = lambda grad, like: None if grad is None else grad.to(like.dtype)
-        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz,
+                _store_bdl(du, t0, t1, du_c)
+                _store_bdl(ddelta, t0, t1, ddt)
+
+        def cast(grad, like):
+            return None if grad is None else grad.to(like.dtype)
+
+        return (du, ddelta, cast(dAt.t(), A), cast(dB, B), cast(dC, C), cast(dD, D), dz,
                 cast(dbias, delta_bias), None, None)
