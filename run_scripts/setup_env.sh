@@ -19,7 +19,11 @@ fi
 echo "[setup_env] preparing $venv (takes a few minutes the first time)" >&2
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 py="$venv/bin/python"
-pip=("$py" -m pip install --disable-pip-version-check -q)
+pip=(pip_install)
+pip_install() {  # quiet pip; drops this machine's harmless "local index location ignored" noise
+  "$py" -m pip install --disable-pip-version-check -q --no-warn-script-location "$@" 2>&1 |
+    { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 if ! "$py" -c "import torch" 2>/dev/null; then
   "${pip[@]}" "torch==2.13.0"
@@ -35,6 +39,12 @@ if ! "$py" -c "import fairseq" 2>/dev/null; then
 fi
 "${pip[@]}" -c "$constraints" cffi "hydra-core==1.3.2" "omegaconf==2.3.0" regex sacrebleu tqdm \
   bitarray scikit-learn soundfile sentencepiece npy-append-array joblib matplotlib pytest hypothesis
+# torchaudio: only its pure-Python parts are used (fairseq's upstream MFCC dump). The one
+# release that accepts torch 2.13 is a CUDA build whose C++ extension cannot load on a CPU
+# machine; --no-deps keeps torch, and fairseq_mamba.upstream stubs the extension at run time.
+if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchaudio') is None)"; then
+  "${pip[@]}" --no-deps "torchaudio==2.11.0"
+fi
 "${pip[@]}" -c "$constraints" --no-build-isolation --no-deps -e "$root"
 
 if "$py" -m pip list 2>/dev/null | grep -qi '^nvidia-' && ! "$py" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)"; then
