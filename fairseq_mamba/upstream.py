@@ -12,7 +12,10 @@ Usage::
 ``<script>`` names a file in ``fairseq/examples/hubert/simple_kmeans/`` of the *installed* fairseq
 (no copies live in this repository).  It is run with :func:`runpy.run_path` as ``__main__``, with
 its directory first on ``sys.path`` (the scripts ``from feature_utils import ...``) and
-``sys.argv`` set to ``[script_path, *args]``.  Before that, these fixes are applied:
+``sys.argv`` set to ``[script_path, *args]``.  ``<script>`` may also be ``fairseq-hydra-train``
+(``python -m fairseq_mamba.upstream fairseq-hydra-train --config-dir ... ``), which runs
+fairseq's ``fairseq_cli.hydra_train.cli_main`` with the same fixes (fine-tuning needs fix 4).
+Before that, these fixes are applied:
 
 1. **torchaudio without its C++ extension.**  The torchaudio wheels that match torch 2.13 are not
    installable here; ``pip install --no-deps torchaudio==2.11.0`` gives a package whose pure-Python
@@ -34,7 +37,13 @@ its directory first on ``sys.path`` (the scripts ``from feature_utils import ...
    ``torch.Tensor.cuda`` are replaced by no-ops (everything stays on the CPU).  With a GPU nothing
    is changed.
 
-4. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
+4. **fairseq 0.12's ``hubert_ctc`` cannot be built**: ``HubertEncoder.__init__`` reads
+   ``cfg.autoregressive``, a field only ``HubertSeq2SeqConfig`` defines, so building
+   ``hubert_ctc`` fails with ``Key 'autoregressive' not in 'HubertCtcConfig'``.  The registered
+   dataclass of ``hubert_ctc`` is replaced by a subclass adding ``autoregressive: bool = False``
+   (CTC is never autoregressive), used for both training and checkpoint loading.
+
+5. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
    (so ``load_model_ensemble_and_task`` can rebuild a mamba_hubert checkpoint) and adds fairseq's
    config classes to torch's ``weights_only`` allow-list (torch >= 2.6 default).
 """
@@ -110,6 +119,28 @@ def patch_cuda_calls():
     return True
 
 
+def patch_hubert_ctc():
+    """Fix 4: give ``hubert_ctc``'s config the ``autoregressive`` field its encoder reads."""
+    from dataclasses import dataclass, field, fields
+
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+    from fairseq.models.hubert import hubert_asr  # noqa: F401  (registers hubert_ctc)
+
+    base = MODEL_DATACLASS_REGISTRY["hubert_ctc"]
+    if "autoregressive" in {f.name for f in fields(base)}:
+        return False
+
+    @dataclass
+    class HubertCtcConfig(base):
+        autoregressive: bool = field(
+            default=False, metadata={"help": "read by fairseq 0.12 HubertEncoder; CTC: always false"}
+        )
+
+    MODEL_DATACLASS_REGISTRY["hubert_ctc"] = HubertCtcConfig
+    setattr(hubert_asr.HubertCtc, "__dataclass", HubertCtcConfig)
+    return True
+
+
 def simple_kmeans_dir():
     import fairseq
 
@@ -122,11 +153,17 @@ def simple_kmeans_dir():
 def apply_all():
     patch_torchaudio()
     patch_cuda_calls()
-    import fairseq_mamba  # noqa: F401  (fix 4)
+    patch_hubert_ctc()
+    import fairseq_mamba  # noqa: F401  (fix 5)
 
 
 def run(script, args):
     apply_all()
+    if script in ("fairseq-hydra-train", "hydra_train"):
+        from fairseq_cli.hydra_train import cli_main
+
+        sys.argv = ["fairseq-hydra-train", *args]
+        return cli_main()
     d = simple_kmeans_dir()
     name = script[:-3] if script.endswith(".py") else script
     path = os.path.join(d, name + ".py")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Stage 5: HuBERT-style pre-training with fairseq-hydra-train and our configs.
+# usage: run_scripts/05_pretrain.sh MODEL ITER MANIFEST_DIR LABEL_DIR OUT_DIR [hydra overrides...]
+#   MODEL: mamba_hubert | hubert;  ITER: 1 (MFCC k-means labels) | 2 (labels from iter-1 features)
+#   LABEL_DIR holds {train,valid}.km and dict.km.txt. Config: examples/pretrain/${CONFIG:-MODEL_tiny_cpu}.yaml
+# Writes OUT_DIR/checkpoints/checkpoint_last.pt, OUT_DIR/train.log, OUT_DIR/peak_rss_mb.txt.
+# Skipped when OUT_DIR/.done exists; an interrupted run resumes from checkpoint_last.pt.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+[[ $# -ge 5 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
+model=$1; iter=$2; data=$(abspath "$3"); labels=$(abspath "$4"); out=$(abspath "$5"); shift 5
+case $model in mamba_hubert|hubert) ;; *) echo "MODEL must be mamba_hubert or hubert" >&2; exit 2;; esac
+case $iter in 1|2) ;; *) echo "ITER must be 1 or 2" >&2; exit 2;; esac
+config=${CONFIG:-${model}_tiny_cpu}
+if [[ -f "$out/.done" ]]; then log "$out done, skipping"; exit 0; fi
+mkdir -p "$out"
+log "pre-training $model iteration $iter ($config) -> $out"
+cd "$ROOT"
+"$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
+  "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/pretrain --config-name "$config" \
+  task.data="$data" task.label_dir="$labels" common.user_dir=fairseq_mamba \
+  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
+[[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
+  || { echo "pre-training failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
+echo "$model iter $iter $config" >"$out/.done"
