@@ -83,24 +83,28 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
             and not return_final_states and 2 <= width <= 4):
         return causal_conv1d_fn(x, weight, bias, activation=activation)
     padded = _pad_left(x, width, initial_states)
-    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1])
+    if x.shape[-1] == 0:  # F.conv1d rejects inputs shorter than the kernel
+        out = x.new_empty(x.shape)
+    else:
+        out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1])
     return _finish(out, padded, width, activation, return_final_states)
 
 
 def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_states=None,
                             return_final_states=False):
-    """Same as :func:`causal_conv1d`, written as an explicit sum over taps (fp32)."""
+    """Same as :func:`causal_conv1d`, an explicit sum over taps in fp32 (fp64 for fp64)."""
     _check(x, weight, bias, activation, initial_states)
     dtype_in = x.dtype
+    ct = torch.promote_types(torch.float32, x.dtype)
     width, length = weight.shape[1], x.shape[-1]
-    padded = _pad_left(x.float(), width, initial_states)
-    w = weight.float()
+    padded = _pad_left(x.to(ct), width, initial_states)
+    w = weight.to(ct)
     out = torch.zeros_like(padded[..., width - 1:])
     for k in range(width):
         # Tap k looks (width-1-k) frames into the past.
         out = out + w[:, k, None] * padded[..., k:k + length]
     if bias is not None:
-        out = out + bias.float()[:, None]
+        out = out + bias.to(ct)[:, None]
     result = _finish(out, padded, width, activation, return_final_states)
     if return_final_states:
         return result[0].to(dtype_in), result[1].to(dtype_in)

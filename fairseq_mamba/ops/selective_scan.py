@@ -25,8 +25,13 @@ from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan
 logger = logging.getLogger(__name__)
 
 try:
-    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
-except Exception as exc:  # ImportError, or CUDA/ABI errors of a CPU-only install
+    from mamba_ssm.ops import selective_scan_interface as _ssi
+
+    # A CPU-only install imports fine but has no compiled kernel behind the API.
+    if _ssi.selective_scan_cuda is None:
+        raise ImportError("mamba_ssm was installed without its selective_scan_cuda extension")
+    selective_scan_fn, mamba_inner_fn = _ssi.selective_scan_fn, _ssi.mamba_inner_fn
+except Exception as exc:  # ImportError, or missing triton / CUDA / ABI errors
     logger.debug("mamba_ssm selective_scan CUDA kernel unavailable: %r", exc)
     selective_scan_fn = None
     mamba_inner_fn = None
@@ -103,10 +108,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         Ac = A.to(ct)
         h = u.new_zeros((batch, dim, A.shape[1]), dtype=ct)
         ys = []
-        for t in range(length):
-            dA = torch.exp(dt[:, :, t, None] * Ac)
-            h = dA * h + (dt[:, :, t] * uc[:, :, t])[:, :, None] * Bd[:, :, :, t]
-            ys.append((h * Cd[:, :, :, t]).sum(-1))
+        # unbind, not indexing per step: the backward of t-indexing would build a
+        # full-size gradient per step (quadratic in length).
+        steps = zip(dt.unbind(-1), uc.unbind(-1), Bd.unbind(-1), Cd.unbind(-1))
+        for dt_t, u_t, B_t, C_t in steps:  # (b, d), (b, d), (b, d, n), (b, d, n)
+            h = torch.exp(dt_t[:, :, None] * Ac) * h + (dt_t * u_t)[:, :, None] * B_t
+            ys.append((h * C_t).sum(-1))
         y = torch.stack(ys, dim=2) if ys else uc.new_zeros(uc.shape)
         if D is not None:
             y = y + uc * D.to(ct)[:, None]

@@ -1,0 +1,106 @@
+"""causal_conv1d (F.conv1d path / CUDA kernel) vs causal_conv1d_reference."""
+
+import pytest
+import torch
+
+from fairseq_mamba.ops import HAS_CUDA_CONV, causal_conv1d, causal_conv1d_reference
+
+
+def make(batch=2, dim=5, length=17, width=4, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, length, generator=g)
+    w = torch.randn(dim, width, generator=g)
+    b = torch.randn(dim, generator=g)
+    return [t.to(device, dtype).requires_grad_() for t in (x, w, b)]
+
+
+def test_reference_by_hand():
+    """out[t] = w0 x[t-2] + w1 x[t-1] + w2 x[t] + bias (width 3), zeros before t=0."""
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    w = torch.tensor([[0.5, -1.0, 2.0]])
+    out = causal_conv1d_reference(x, w, torch.tensor([10.0]))
+    expected = torch.tensor([[[12.0, 13.0, 14.5, 16.0]]])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "swish"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [1, 3, 64])
+def test_matches_reference(length, width, with_bias, activation):
+    x, w, b = make(length=length, width=width)
+    b = b if with_bias else None
+    out = causal_conv1d(x, w, b, activation)
+    ref = causal_conv1d_reference(x, w, b, activation)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    go = torch.randn_like(out)
+    params = [t for t in (x, w, b) if t is not None]
+    grads = torch.autograd.grad((out * go).sum(), params)
+    ref_grads = torch.autograd.grad((ref * go).sum(), params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [[1, 1, 1, 14], [2, 15], [8, 9], [17], [0, 5, 12]])
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_streaming_matches_full(split, width):
+    """Chunk by chunk with initial/final states == one call over the whole input,
+    also for chunks shorter than width - 1 (and empty ones)."""
+    x, w, b = (t.detach() for t in make(length=17, width=width))
+    full = causal_conv1d(x, w, b, "silu")
+    for fn in (causal_conv1d, causal_conv1d_reference):
+        state = torch.zeros(2, 5, width - 1)
+        outs, t0 = [], 0
+        for size in split:
+            out, state = fn(x[..., t0:t0 + size], w, b, "silu", initial_states=state,
+                            return_final_states=True)
+            outs.append(out)
+            t0 += size
+        torch.testing.assert_close(torch.cat(outs, -1), full, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state, x[..., 17 - (width - 1):])
+
+
+def test_final_states_of_short_input_keep_old_frames():
+    x, w, b = (t.detach() for t in make(length=1, width=4))
+    init = torch.randn(2, 5, 3)
+    _, final = causal_conv1d(x, w, b, initial_states=init, return_final_states=True)
+    torch.testing.assert_close(final, torch.cat([init[..., 1:], x], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(dtype):
+    x, w, b = make(dtype=dtype)
+    out = causal_conv1d(x, w, b, "silu")
+    ref = causal_conv1d_reference(x, w, b, "silu")
+    assert out.dtype == ref.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+
+
+BAD = [
+    (dict(x=torch.zeros(2, 5)), r"x must .*\(2, 5\)"),
+    (dict(weight=torch.zeros(4, 4)), r"weight must .*\(4, 4\)"),
+    (dict(weight=torch.zeros(5)), r"weight must .*\(5,\)"),
+    (dict(bias=torch.zeros(4)), r"bias must .*\(4,\)"),
+    (dict(activation="relu"), r"activation must .*'relu'"),
+    (dict(initial_states=torch.zeros(2, 5, 2)), r"initial_states must .*\(2, 5, 2\)"),
+]
+
+
+@pytest.mark.parametrize("fn", [causal_conv1d, causal_conv1d_reference])
+@pytest.mark.parametrize("change,match", BAD)
+def test_bad_arguments_raise(fn, change, match):
+    args = dict(x=torch.zeros(2, 5, 7), weight=torch.zeros(5, 4), bias=None, activation=None,
+                initial_states=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        fn(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_CUDA_CONV,
+                    reason="needs a GPU and the causal_conv1d CUDA kernel")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cuda_kernel_matches_reference(dtype, tol):
+    x, w, b = make(dim=64, length=257, dtype=dtype, device="cuda")
+    torch.testing.assert_close(causal_conv1d(x, w, b, "silu"),
+                               causal_conv1d_reference(x, w, b, "silu"), rtol=tol, atol=tol)
