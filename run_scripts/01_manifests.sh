@@ -4,7 +4,8 @@
 # CORPUS_DIR holds {split}.tsv (id<TAB>relative_flac_path<TAB>num_samples) and {split}.wrd.
 # OUT_DIR gets {split}.tsv (first line: absolute audio root; then path<TAB>num_samples),
 # {split}.wrd, {split}.ltr (letters, '|' word boundary) and dict.ltr.txt (letter counts, train).
-# Splits: $SPLITS (default: every {train,valid,test}.tsv present). Skips if outputs are complete.
+# Splits: $SPLITS (default: every {train,valid,test}.tsv present). $TRAIN_UTTS keeps only the
+# first N train utterances (default: all). Skips if outputs are complete.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n 2,7p "$0"; exit 0; fi
@@ -15,13 +16,15 @@ if [[ -z "$splits" ]]; then
   for s in train valid test; do [[ -f "$corpus/$s.tsv" ]] && splits="$splits $s"; done
 fi
 [[ -n "${splits// /}" ]] || { echo "no {train,valid,test}.tsv in $corpus" >&2; exit 1; }
-if [[ -f "$out/.done" && "$(cat "$out/.done")" == "$corpus $splits" ]]; then
+stamp="$corpus $splits ${TRAIN_UTTS:-all}"
+if [[ -f "$out/.done" && "$(cat "$out/.done")" == "$stamp" ]]; then
   log "manifests complete in $out, skipping"; exit 0
 fi
 rm -f "$out/.done"; mkdir -p "$out"
-"$PY" - "$corpus" "$out" $splits <<'PYEOF'
+TRAIN_UTTS=${TRAIN_UTTS:-} "$PY" - "$corpus" "$out" $splits <<'PYEOF'
 import collections, os, sys
 corpus, out, splits = sys.argv[1], sys.argv[2], sys.argv[3:]
+train_utts = int(os.environ["TRAIN_UTTS"]) if os.environ.get("TRAIN_UTTS") else None
 letters = collections.Counter()
 for split in splits:
     rows = []
@@ -42,6 +45,8 @@ for split in splits:
     if wrds is not None:
         wrds = wrds[: len(rows)] if len(wrds) > len(rows) and not any(wrds[len(rows):]) else wrds
         assert len(wrds) == len(rows), f"{split}: {len(wrds)} transcripts for {len(rows)} utterances"
+    if split == "train" and train_utts:
+        rows, wrds = rows[:train_utts], (wrds[:train_utts] if wrds is not None else None)
     tmp = lambda p: os.path.join(out, p + ".tmp")
     with open(tmp(f"{split}.tsv"), "w") as t:
         t.write(os.path.abspath(root) + "\n")
@@ -67,5 +72,5 @@ if letters:
             d.write(f"{c} {n}\n")
     print(f"dict.ltr.txt: {len(letters)} symbols")
 PYEOF
-echo "$corpus $splits" >"$out/.done"
+echo "$stamp" >"$out/.done"
 log "manifests written to $out"

@@ -14,12 +14,23 @@ case $iter in 1|2) ;; *) echo "ITER must be 1 or 2" >&2; exit 2;; esac
 config=${CONFIG:-${model}_tiny_cpu}
 if [[ -f "$out/.done" ]]; then log "$out done, skipping"; exit 0; fi
 mkdir -p "$out"
-log "pre-training $model iteration $iter ($config) -> $out"
+# label rate from the labels themselves: 100 Hz for MFCC labels (iteration 1), the model's frame
+# rate (e.g. 50 Hz for a 320x conv stride) for labels from its own features (iteration 2)
+rate=$("$PY" - "$data/train.tsv" "$labels/train.km" <<'PYEOF'
+import sys
+lines = open(sys.argv[1]).read().splitlines()[1:]
+secs = sum(int(l.split("\t")[1]) for l in lines) / 16000
+frames = sum(len(l.split()) for l in open(sys.argv[2]))
+rate = frames / secs
+print(min((100, 50, 25, 200), key=lambda r: abs(r - rate)))
+PYEOF
+)
+log "pre-training $model iteration $iter ($config, labels at $rate Hz) -> $out"
 cd "$ROOT"
 "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
   "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/pretrain --config-name "$config" \
   task.data="$data" task.label_dir="$labels" common.user_dir=fairseq_mamba \
-  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
+  model.label_rate="$rate" hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
 [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
   || { echo "pre-training failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
 echo "$model iter $iter $config" >"$out/.done"
