@@ -43,7 +43,16 @@ Before that, these fixes are applied:
    dataclass of ``hubert_ctc`` is replaced by a subclass adding ``autoregressive: bool = False``
    (CTC is never autoregressive), used for both training and checkpoint loading.
 
-5. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
+5. **Multi-process training on CPU** (gloo): fairseq's ``distributed_utils.all_gather_list``
+   (used to sum logging outputs of criteria that cannot be summed with all_reduce, e.g. HuBERT's)
+   allocates ``torch.cuda.ByteTensor`` and pinned memory, so it fails on a CPU-only torch.  Without
+   CUDA it is replaced by the same operation done with ``torch.distributed.all_gather_object``.
+   (Start one process per rank with ``distributed_training.distributed_init_method=tcp://HOST:PORT
+   distributed_training.distributed_rank=R distributed_training.distributed_no_spawn=true
+   common.cpu=true distributed_training.distributed_backend=gloo``: fairseq's own spawn and
+   torchrun paths divide by ``torch.cuda.device_count()``; see tests/test_distributed.py.)
+
+6. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
    (so ``load_model_ensemble_and_task`` can rebuild a mamba_hubert checkpoint) and adds fairseq's
    config classes to torch's ``weights_only`` allow-list (torch >= 2.6 default).
 """
@@ -141,6 +150,32 @@ def patch_hubert_ctc():
     return True
 
 
+def patch_cpu_all_gather_list():
+    """Fix 5: a CPU ``all_gather_list`` (fairseq's allocates CUDA tensors)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    from fairseq.distributed import utils as distributed_utils
+
+    if getattr(distributed_utils.all_gather_list, "_fairseq_mamba_cpu", False):
+        return False
+
+    def all_gather_list(data, group=None, max_size=16384):
+        import torch.distributed as dist
+
+        if group is None:
+            group = distributed_utils.get_global_group()
+        world = distributed_utils.get_world_size(group)
+        out = [None] * world
+        dist.all_gather_object(out, data, group=group)
+        return out
+
+    all_gather_list._fairseq_mamba_cpu = True
+    distributed_utils.all_gather_list = all_gather_list
+    return True
+
+
 def simple_kmeans_dir():
     import fairseq
 
@@ -154,7 +189,8 @@ def apply_all():
     patch_torchaudio()
     patch_cuda_calls()
     patch_hubert_ctc()
-    import fairseq_mamba  # noqa: F401  (fix 5)
+    patch_cpu_all_gather_list()
+    import fairseq_mamba  # noqa: F401  (fix 6)
 
 
 def run(script, args):
