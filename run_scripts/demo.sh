@@ -18,14 +18,18 @@ S=${DEMO_SCALE:-1}
 MODELS=${MODELS:-mamba_hubert hubert}
 CORPUS=${CORPUS:-$ROOT/examples/corpus/data}
 W=$(abspath "${WORK:-outputs/demo}")
-export TRAIN_UTTS=${TRAIN_UTTS:-$((250 * S))}
-PT1=${PT1_UPDATES:-$((60 * S))}
-PT2=${PT2_UPDATES:-$((30 * S))}
-FT=${FT_UPDATES:-$((200 * S))}
+export TRAIN_UTTS=${TRAIN_UTTS:-$((200 * S))}
+PT1=${PT1_UPDATES:-$((30 * S))}
+PT2=${PT2_UPDATES:-$((15 * S))}
+FT=${FT_UPDATES:-$((100 * S))}
 K1=${K1:-50}; K2=${K2:-50}
 NJ=${NJ:-2}  # parallel feature shards (2 cores)
 mkdir -p "$W"
 step() { echo "[demo $(date +%H:%M:%S) +$(( $(date +%s) - t_start ))s] $*"; }
+mkdir -p "$W/logs"
+# q NAME cmd...: run a stage with its output in WORK/logs/NAME.log (shown if it fails)
+q() { local name=$1; shift
+  "$@" >>"$W/logs/$name.log" 2>&1 || { tail -40 "$W/logs/$name.log" >&2; echo "[demo] $name failed, log: $W/logs/$name.log" >&2; exit 1; }; }
 for s in train valid test; do
   [[ -f "$CORPUS/$s.tsv" ]] || { echo "[demo] $CORPUS/$s.tsv missing (bundled corpus not there?)" >&2; exit 1; }
 done
@@ -43,21 +47,21 @@ shards_h() { local ckpt=$1 data=$2 feat=$3; local pids=(); for r in $(seq 0 $((N
     OMP_NUM_THREADS=1 bash run_scripts/06_hubert_features.sh "$ckpt" "$data" "$feat" middle "$NJ" "$r" & pids+=($!); done
   for p in "${pids[@]}"; do wait "$p"; done; }
 
-step "01 manifests"; bash run_scripts/01_manifests.sh "$CORPUS" "$W/data"
-step "02 MFCC features ($NJ shards)"; OMP_NUM_THREADS=1 shards 02_mfcc_features.sh "$W/data" "$W/feat_mfcc"
-step "03 k-means k=$K1 on MFCC"; KM_PERCENT=${KM_PERCENT:-0.5} bash run_scripts/03_kmeans.sh "$W/feat_mfcc" "$W/km/mfcc_k$K1.bin" "$K1" "$NJ"
-step "04 labels (iteration 1)"; bash run_scripts/04_labels.sh "$W/feat_mfcc" "$W/km/mfcc_k$K1.bin" "$W/labels/iter1" "$NJ"
+step "01 manifests"; q 01_manifests bash run_scripts/01_manifests.sh "$CORPUS" "$W/data"; grep -h "utterances" "$W/logs/01_manifests.log" | tail -3
+step "02 MFCC features ($NJ shards)"; OMP_NUM_THREADS=1 q 02_mfcc shards 02_mfcc_features.sh "$W/data" "$W/feat_mfcc"
+step "03 k-means k=$K1 on MFCC"; KM_PERCENT=${KM_PERCENT:-0.5} q 03_kmeans_mfcc bash run_scripts/03_kmeans.sh "$W/feat_mfcc" "$W/km/mfcc_k$K1.bin" "$K1" "$NJ"
+step "04 labels (iteration 1)"; q 04_labels_iter1 bash run_scripts/04_labels.sh "$W/feat_mfcc" "$W/km/mfcc_k$K1.bin" "$W/labels/iter1" "$NJ"
 for m in $MODELS; do
   step "05 pre-train $m iteration 1 ($PT1 updates)"
   bash run_scripts/05_pretrain.sh "$m" 1 "$W/data" "$W/labels/iter1" "$W/pretrain/${m}_iter1" \
     optimization.max_update="$PT1" common.log_interval=5 lr_scheduler.warmup_updates=$((PT1 / 10 + 1)) \
     checkpoint.save_interval_updates="$PT1" dataset.validate_interval=1000
   step "06 $m iteration-1 features ($NJ shards)"
-  shards_h "$W/pretrain/${m}_iter1/checkpoints/checkpoint_last.pt" "$W/data" "$W/feat_${m}_iter1"
+  q "06_features_$m" shards_h "$W/pretrain/${m}_iter1/checkpoints/checkpoint_last.pt" "$W/data" "$W/feat_${m}_iter1"
   step "03 k-means k=$K2 on $m features"
-  KM_PERCENT=${KM_PERCENT:-0.5} bash run_scripts/03_kmeans.sh "$W/feat_${m}_iter1" "$W/km/${m}_iter1_k$K2.bin" "$K2" "$NJ"
+  KM_PERCENT=${KM_PERCENT:-0.5} q "03_kmeans_$m" bash run_scripts/03_kmeans.sh "$W/feat_${m}_iter1" "$W/km/${m}_iter1_k$K2.bin" "$K2" "$NJ"
   step "04 labels (iteration 2, $m)"
-  bash run_scripts/04_labels.sh "$W/feat_${m}_iter1" "$W/km/${m}_iter1_k$K2.bin" "$W/labels/${m}_iter2" "$NJ"
+  q "04_labels_$m" bash run_scripts/04_labels.sh "$W/feat_${m}_iter1" "$W/km/${m}_iter1_k$K2.bin" "$W/labels/${m}_iter2" "$NJ"
   # Upstream HuBERT trains iteration 2 from scratch; with this small budget iteration 2 starts
   # from iteration 1's weights instead (possible when K1 == K2: same output shapes).
   warm=()
@@ -66,7 +70,7 @@ for m in $MODELS; do
       checkpoint.reset_optimizer=true checkpoint.reset_dataloader=true checkpoint.reset_meters=true
       checkpoint.reset_lr_scheduler=true)
   fi
-  step "05 pre-train $m iteration 2 ($PT2 updates${warm:+, from iteration 1's weights})"
+  step "05 pre-train $m iteration 2 ($PT2 updates${warm:+, warm start from iteration 1})"
   bash run_scripts/05_pretrain.sh "$m" 2 "$W/data" "$W/labels/${m}_iter2" "$W/pretrain/${m}_iter2" \
     optimization.max_update="$PT2" common.log_interval=5 lr_scheduler.warmup_updates=$((PT2 / 10 + 1)) \
     checkpoint.save_interval_updates="$PT2" dataset.validate_interval=1000 "${warm[@]}"
@@ -75,7 +79,8 @@ for m in $MODELS; do
     optimization.max_update="$FT" common.log_interval=10 checkpoint.save_interval_updates="$FT" \
     dataset.validate_interval=1000
   step "08 decode $m (test)"
-  bash run_scripts/08_decode.sh "$W/finetune/$m/checkpoints/checkpoint_last.pt" "$W/data" test "$W/decode/$m" | tail -1
+  q "08_decode_$m" bash run_scripts/08_decode.sh "$W/finetune/$m/checkpoints/checkpoint_last.pt" "$W/data" test "$W/decode/$m"
+  tail -1 "$W/logs/08_decode_$m.log"
 done
 step "report"
 echo "$(( $(date +%s) - t_start ))" >"$W/wall_seconds.txt"
