@@ -155,32 +155,34 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         ct = torch.promote_types(torch.float32, u.dtype)
         ctx.ct, ctx.softplus, ctx.chunk = ct, softplus, chunk
         inputs = (u, delta, B, C, z, delta_bias)
+        starts = range(0, length, chunk)
+        # bounds[k] = the state before chunk k, kept for backward (one allocation);
+        # without autograd only the running state is kept.
         save = any(ctx.needs_input_grad)
+        bounds = u.new_zeros((len(starts) + 1 if save else 2, b, n, d), dtype=ct)
         out = u.new_empty(u.shape)
-        h = u.new_zeros((b, n, d), dtype=ct)
-        bounds = []
         with torch.autocast(u.device.type, enabled=False):
             At2 = _log2e_At(A, ct)
             Dc = None if D is None else D.to(ct)
             a, H = _buffers(u, length, chunk, b, n, d, ct, 2)
-            for t0 in range(0, length, chunk):
+            for k, t0 in enumerate(starts):
                 t1 = min(t0 + chunk, length)
                 T = t1 - t0
-                if save:
-                    bounds.append(h)
                 ch = _Chunk(inputs, t0, t1, ct, softplus)
-                _states(ch, At2, h, a[:T], H[:T])
+                h0, h1 = (bounds[k], bounds[k + 1]) if save else (bounds[k % 2], bounds[1 - k % 2])
+                _states(ch, At2, h0, a[:T], H[:T])
+                h1.copy_(H[T - 1])
                 y = _contract_n(H[:T], ch.C)
                 if Dc is not None:
                     y += ch.u * Dc
                 if ch.z is not None:
                     y *= F.silu(ch.z)
                 _store_bdl(out, t0, t1, y)
-                h = H[T - 1].clone()
+        last = bounds[len(starts) if save else len(starts) % 2]
         if save:
             ctx.bounds = bounds
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return out, h.transpose(1, 2).contiguous()
+        return out, last.transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, gout, glast):
@@ -204,12 +206,13 @@ class ChunkedSelectiveScan(torch.autograd.Function):
             At = A.to(ct).t().contiguous()
             At2 = _log2e_At(A, ct)
             Dc = None if D is None else D.to(ct)
-            bufs = _buffers(u, length, chunk, b, n, d, ct, 4)
+            bufs = _buffers(u, length, chunk, b, n, d, ct, 3)
             for k in reversed(range(len(starts))):
                 t0 = starts[k]
                 t1 = min(t0 + chunk, length)
                 ch = _Chunk(inputs, t0, t1, ct, ctx.softplus)
-                a, H, G, scratch = (buf[:t1 - t0] for buf in bufs)
+                # Three (T, b, n, d) buffers; G and H double as scratch once free.
+                a, H, G = (buf[:t1 - t0] for buf in bufs)
                 h0 = ctx.bounds[k]
                 _states(ch, At2, h0, a, H)
                 y = None
@@ -221,22 +224,22 @@ class ChunkedSelectiveScan(torch.autograd.Function):
                 du_c = torch.zeros_like(gy) if Dc is None else gy * Dc
                 if Dc is not None:
                     dD += (gy * ch.u).sum((0, 1))
+                dC[..., t0:t1] = _contract_d(H, gy, g, scratch=G).permute(1, 3, 2, 0)
                 # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
                 torch.mul(_grouped(gy.unsqueeze(2), g), ch.C.unsqueeze(-1),
                           out=_grouped(G, g))
                 G[-1] += carry
                 for t in range(len(G) - 2, -1, -1):
                     G[t].addcmul_(a[t + 1], G[t + 1])
-                dC[..., t0:t1] = _contract_d(H, gy, g, scratch).permute(1, 3, 2, 0)
-                dB[..., t0:t1] = _contract_d(G, ch.dtu, g, scratch).permute(1, 3, 2, 0)
                 d_dtu = _contract_n(G, ch.B)
                 # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
                 q = a.mul_(G)
                 carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
                 q[1:].mul_(H[:-1])
                 q[0].mul_(h0)
-                ddt = torch.mul(q, At, out=scratch).sum(2) + d_dtu * ch.u
-                dAt += torch.mul(q, ch.dt.unsqueeze(2), out=scratch).sum((0, 1))
+                dB[..., t0:t1] = _contract_d(G, ch.dtu, g, scratch=H).permute(1, 3, 2, 0)
+                ddt = torch.mul(q, At, out=H).sum(2) + d_dtu * ch.u
+                dAt += torch.mul(q, ch.dt.unsqueeze(2), out=G).sum((0, 1))
                 du_c += d_dtu * ch.dt
                 if ctx.softplus:
                     ddt *= torch.sigmoid(ch.dt_raw)

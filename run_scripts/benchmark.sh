@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Scan and encoder-layer CPU benchmarks; writes outputs/benchmarks/benchmark.{md,json,png}.
+# Usage: bash run_scripts/benchmark.sh [--quick]
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+exec "$root/.venv/bin/python" run_scripts/benchmark.py "$@"
