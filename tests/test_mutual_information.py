@@ -16,6 +16,15 @@ from fairseq_mamba.analysis.mutual_information import MIEstimate, estimate_mi, f
 N_GAUSS = 20000
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The critics are tiny: one intra-op thread is ~5x faster than two on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @lru_cache(maxsize=None)
 def gaussian_pair(mi: float, d: int, n: int = N_GAUSS, seed: int = 0):
     """x, y: (n, d) with I(x; y) = mi nats exactly (per-component correlation rho)."""
@@ -57,8 +66,9 @@ def test_neural_recovers_gaussian_mi(method, mi, d):
 
 @pytest.mark.parametrize("method", ["mine", "infonce"])
 def test_neural_high_dimension_underestimates(method):
-    """(5 nats, d=256): learning a 256x256 bilinear form needs N >> d^2; with N=2e4 the
-    held-out bound stays below the truth (and InfoNCE below log N_heldout)."""
+    """(5 nats, d=256): learning a 256x256 bilinear form needs N >> d^2. With N=2e4 the critic
+    does not generalise at all (held-out ~0.03 nats seen): a documented failure, asserted as
+    its direction only so that a better critic would still pass."""
     est = estimate_mi(*gaussian_pair(5.0, 256), method=method, **NEURAL)
     assert est.value < 5.0, est
     assert est.upper_bound is None or est.value <= est.upper_bound
@@ -72,7 +82,7 @@ def test_ksg_recovers_low_dimensional_mi(mi, d):
 
 @pytest.mark.parametrize("mi,d", [(0.5, 8), (2.0, 32), (5.0, 256)])
 def test_ksg_underestimates_in_high_dimension(mi, d):
-    est = estimate_mi(*gaussian_pair(mi, d), method="ksg", n_samples=2000)
+    est = estimate_mi(*gaussian_pair(mi, d), method="ksg", n_samples=1000)
     assert -0.05 < est.value < 0.8 * mi, est
 
 
