@@ -195,17 +195,23 @@ def loglog_slope(xs, ys):
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def bench_chunk_sweep(length, chunks=(4, 8, 16, 32, 64)):
-    """fwd+bwd time of our scan per chunk size (how CHUNK was chosen)."""
-    from fairseq_mamba.ops.chunked_scan import ChunkedSelectiveScan
+def bench_chunk_sweep(length, configs):
+    """fwd+bwd time of our scan per (state chunk, io chunk): how they were chosen."""
+    from fairseq_mamba.ops import chunked_scan
 
     inputs, grad_out = scan_inputs(length)
+    default = chunked_scan.IO_CHUNK
     out = {}
-    for chunk in chunks:
+    for chunk, io_chunk in configs:
         def call(u, delta, A, B, C, D, z, delta_bias, chunk=chunk):
-            return ChunkedSelectiveScan.apply(u, delta, A, B.unsqueeze(1), C.unsqueeze(1),
-                                              D, z, delta_bias, True, chunk)[0]
-        out[chunk] = measure(fwd_and_train(call, inputs, grad_out)[1])[0]
+            return chunked_scan.ChunkedSelectiveScan.apply(
+                u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, True, chunk)[0]
+        chunked_scan.IO_CHUNK = io_chunk
+        try:
+            cpu, _, peak = measure(fwd_and_train(call, inputs, grad_out)[1])
+        finally:
+            chunked_scan.IO_CHUNK = default
+        out[f"{chunk}/{io_chunk}"] = dict(train_s=cpu, train_peak=peak)
     print("[chunk sweep]", json.dumps(out), flush=True)
     return out
 
@@ -251,8 +257,9 @@ def scan_report(rows, elementwise, sweep, ref_len):
         x = o["train_s"] / t
         lines.append(f"- fwd+bwd = {x:.1f} elementwise `{op}` passes over a (b, d, l, n) fp32 "
                      f"tensor ({t * 1e3:.1f} ms; aim <= 10: {'met' if x <= 10 else 'missed'})")
-    lines += ["", "Chunk size sweep, ours fwd+bwd at length %d: " % ref_len +
-              ", ".join(f"{c}: {t:.3f} s" for c, t in sweep.items()), ""]
+    lines += ["", f"Chunk sweep, ours fwd+bwd at length {ref_len} (state chunk / io chunk: "
+              "CPU s, peak MB): " + ", ".join(f"{c}: {r['train_s']:.3f} s, {_mb(r['train_peak'])}"
+                                              for c, r in sweep.items()), ""]
     return lines
 
 
@@ -332,10 +339,13 @@ def main():
     load = os.getloadavg()
     start = time.time()
     elementwise = bench_elementwise(ref_len)
-    sweep = bench_chunk_sweep(ref_len, (8, 16) if args.quick else (4, 8, 16, 32, 64))
+    sweep = bench_chunk_sweep(ref_len, [(16, 64)] if args.quick else
+                              [(8, 64), (16, 16), (16, 32), (16, 64), (16, 128), (32, 64)])
     scan_rows = bench_scan(scan_lengths)
     layer_rows = bench_layers(layer_lengths)
     header = [f"# Benchmark{' (--quick)' if args.quick else ''}", "",
+              *(["**--quick smoke run: short lengths, so the targets (defined at length 1000 "
+                 "and 2000+ frames) are not meaningful here.**", ""] if args.quick else []),
               f"Machine: {machine()}. Load average (1 min) at start {load[0]:.1f}, at end "
               f"{os.getloadavg()[0]:.1f}; run took {time.time() - start:.0f} s.", "",
               "Times are CPU seconds of the process (`time.process_time`), the minimum over up "

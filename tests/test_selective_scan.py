@@ -97,10 +97,12 @@ def test_optional_arguments(with_D, with_z, with_bias, softplus, last):
                 softplus=softplus, last=last)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16, 50, 64])
-def test_chunk_sizes(chunk):
-    """Chunk boundaries (state carried forward, adjoint carried backward) are exact."""
-    x = make_inputs(length=50, dtype=torch.float64)
+@pytest.mark.parametrize("chunk,length", [(1, 50), (3, 50), (3, 200), (16, 50), (16, 300),
+                                          (50, 50), (64, 200), (200, 130)])
+def test_chunk_sizes(chunk, length):
+    """State and io chunk boundaries (state carried forward, adjoint carried
+    backward), full and partial, are exact."""
+    x = make_inputs(length=length, dtype=torch.float64)
 
     def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         out, last = ChunkedSelectiveScan.apply(u, delta, A, B.unsqueeze(1), C.unsqueeze(1),

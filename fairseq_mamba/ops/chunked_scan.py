@@ -1,15 +1,15 @@
 """Chunked selective scan for CPU (and any device without the CUDA kernel).
 
-Same math as ``selective_scan_reference`` (see selective_scan.py). Time is cut
-into chunks of ``chunk`` steps. Per chunk everything that is not sequential is
-vectorised over the chunk in a time-major layout: exp(delta A), delta u B, the
-contraction with C, and in backward all the gradient contractions (batched
-matmuls). Only the recurrences themselves are a Python loop of one fused
-``addcmul_`` per step, on a (batch, dim, d_state) slab that stays in cache.
+Same math as ``selective_scan_reference`` (see selective_scan.py), eager PyTorch.
+Time is cut into state chunks of ``chunk`` steps. Everything that is not
+sequential is vectorised over a chunk: exp(delta A) (as exp2, like mamba-ssm's
+kernel), delta u B, the contraction with C and, in backward, all the gradient
+contractions. Only the recurrences are Python loops, of one fused ``addcmul_``
+per step on a (b, n, d) slab.
 
-Memory: the full (b, d, l, n) state is never stored. Forward keeps only the
-state at each chunk boundary; backward recomputes a chunk's states from its
-boundary, then runs the reverse (adjoint) recurrence over that chunk.
+Memory: the (b, d, l, n) states are never stored. Forward keeps only the state
+at each chunk boundary (1/chunk of them); backward recomputes a chunk's states
+from its boundary, then runs the reverse (adjoint) recurrence over that chunk.
 
 Backward math, with a_t = exp(delta_t A), h_t = a_t h_{t-1} + delta_t u_t B_t,
 y_t = <h_t, C_t>, gy_t = dL/dy_t:
@@ -19,8 +19,10 @@ y_t = <h_t, C_t>, gy_t = dL/dy_t:
     q_t    = dh_t a_t h_{t-1}  (= dL/d(delta_t A))
     ddelta_t += sum_n q_t A ;  dA += sum_{b,t} q_t delta_t
 
-Chunk layouts (T = chunk length, g = groups, e = dim // g):
-    per-step values (T, b, d); B/C chunks (T, b, g, n); state chunks (T, b, d, n).
+Layouts (T = chunk length, g = groups, e = dim // g), all time-major:
+    per-step values (T, b, d); B/C chunks (T, b, n, g); states (T, b, n, d), with
+    the channels innermost so that the contractions over n are vector-matrix
+    products and the recurrence slabs are contiguous.
 """
 
 import math
@@ -28,16 +30,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Steps per chunk, chosen by measurement (run_scripts/benchmark.py --chunk-sweep).
+# Steps per state chunk and per io chunk, chosen by measurement (the chunk sweep
+# of run_scripts/benchmark.py): see ChunkedSelectiveScan.
 CHUNK = 16
+IO_CHUNK = 64
 
 
 def _tbd(x, t0, t1, dtype):
     """(b, d, l) slice [t0, t1) -> contiguous (T, b, d) in ``dtype`` (maybe a view).
 
     Two copies (rows of T, then a plain 2-D transpose) instead of one permuted
-    copy: the second one hits PyTorch's blocked transpose kernel, measured ~2x
-    faster than the generic strided copy.
+    copy: the second one hits PyTorch's blocked transpose kernel; for io chunks
+    of 64 steps, measured 1.6x faster than the generic strided copy.
     """
     b, d = x.shape[:2]
     rows = x[:, :, t0:t1].contiguous().view(b * d, t1 - t0)
@@ -56,18 +60,20 @@ def _tbng(x, t0, t1, dtype):
 
 
 class _Chunk:
-    """The per-step inputs of one chunk, in the compute dtype, time-major.
+    """The per-step inputs of one io chunk, in the compute dtype, time-major.
 
-    u, dt, dt_raw, dtu, z: (T, b, d); B, C: (T, b, n, g).
+    u, dt, dtu, z: (T, b, d); B, C: (T, b, n, g). Possibly views of the inputs:
+    never modified in place.
     """
 
     def __init__(self, inputs, t0, t1, ct, softplus):
         u, delta, B, C, z, bias = inputs
         self.u = _tbd(u, t0, t1, ct)
-        self.dt_raw = _tbd(delta, t0, t1, ct)
+        self.dt = _tbd(delta, t0, t1, ct)
         if bias is not None:
-            self.dt_raw = self.dt_raw + bias.to(ct)  # not in place: may view delta
-        self.dt = F.softplus(self.dt_raw) if softplus else self.dt_raw
+            self.dt = self.dt + bias.to(ct)
+        if softplus:
+            self.dt = F.softplus(self.dt)
         self.dtu = self.dt * self.u
         self.B = _tbng(B, t0, t1, ct)
         self.C = _tbng(C, t0, t1, ct)
@@ -90,19 +96,23 @@ def _log2e_At(A, ct):
     return (A.detach().double() * (1.0 / math.log(2.0))).to(ct).t().contiguous()
 
 
-def _states(ch, At2, h0, a, H):
-    """Fill a = exp(delta A) and H = the states h_t of one chunk, from h0.
+def _states(dt, dtu, B, At2, h0, bufs, T):
+    """Fill a = exp(delta A) and H = the states h_t of one state chunk, from h0.
 
-    At2: (n, d) from _log2e_At; h0: (b, n, d); a, H: (T, b, n, d) buffers.
+    dt, dtu: (T, b, d); B: (T, b, n, g); At2: (n, d) from _log2e_At;
+    h0: (b, n, d); bufs: _StateBuffers whose first two are a and H.
     """
-    g = ch.B.shape[-1]
-    torch.mul(ch.dt.unsqueeze(2), At2, out=a)
+    a, H = bufs.get(T, 2)
+    a_t, H_t = bufs.steps[0], bufs.steps[1]
+    g = B.shape[-1]
+    torch.mul(dt.unsqueeze(2), At2, out=a)
     a.exp2_()
     # delta u B, B broadcast over the channels of its group.
-    torch.mul(_grouped(ch.dtu.unsqueeze(2), g), ch.B.unsqueeze(-1), out=_grouped(H, g))
-    H[0].addcmul_(a[0], h0)
-    for t in range(1, len(H)):
-        H[t].addcmul_(a[t], H[t - 1])
+    torch.mul(_grouped(dtu.unsqueeze(2), g), B.unsqueeze(-1), out=_grouped(H, g))
+    H_t[0].addcmul_(a_t[0], h0)
+    for t in range(1, T):
+        H_t[t].addcmul_(a_t[t], H_t[t - 1])
+    return a, H
 
 
 def _contract_n(S, V):
@@ -121,30 +131,46 @@ def _contract_d(S, w, g, scratch):
     return prod.sum(-1)
 
 
-def _buffers(like, length, chunk, b, n, d, ct, count):
-    T = min(chunk, max(length, 1))
-    return [like.new_empty((T, b, n, d), dtype=ct) for _ in range(count)]
+class _StateBuffers:
+    """``count`` (T, b, n, d) buffers reused by every state chunk, and their
+    per-step views, made once: at these sizes, indexing a step inside the
+    recurrence loops costs about as much as the step's arithmetic."""
+
+    def __init__(self, like, length, chunk, b, n, d, ct, count):
+        T = min(chunk, max(length, 1))
+        self.full = [like.new_empty((T, b, n, d), dtype=ct) for _ in range(count)]
+        self.steps = [buf.unbind(0) for buf in self.full]
+
+    def get(self, T, count):
+        """The first ``count`` buffers, cut to T steps."""
+        return [buf[:T] for buf in self.full[:count]]
 
 
-def _out_grads(gout, ch, y, Dc, t0, t1, ct, dz):
-    """From dL/dout of a chunk to gy = dL/dy; writes dz. y = <h, C> + D u (T, b, d)."""
-    T, b, d = ch.u.shape
-    gy = gout.new_zeros((T, b, d), dtype=ct) if gout is None else _tbd(gout, t0, t1, ct)
-    if ch.z is None:
-        return gy
-    sz = torch.sigmoid(ch.z)
-    # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-    dz_c = gy * y * sz * (1 + ch.z * (1 - sz))
-    _store_bdl(dz, t0, t1, dz_c)
-    return gy * ch.z * sz
+def _spans(length, chunk, io_chunk):
+    """[(io_t0, io_t1, [(k, t0, t1), ...]), ...]: io chunks and their state chunks.
+
+    k numbers the state chunks globally (their boundary-state index); t0, t1 are
+    offsets inside the io chunk.
+    """
+    spans = []
+    for s0 in range(0, length, io_chunk):
+        s1 = min(s0 + io_chunk, length)
+        subs = [(t // chunk, t - s0, min(t + chunk, s1) - s0) for t in range(s0, s1, chunk)]
+        spans.append((s0, s1, subs))
+    return spans
 
 
 class ChunkedSelectiveScan(torch.autograd.Function):
     """apply(u, delta, A, B, C, D, z, delta_bias, softplus, chunk).
 
     B and C come grouped: (b, g, n, l). Returns (out (b, d, l) in u's dtype,
-    last_state (b, d, n) in the compute dtype). State buffers are (T, b, n, d):
-    channels innermost, so the contractions over n are vector-matrix products.
+    last_state (b, d, n) in the compute dtype).
+
+    Two chunk levels: per-step values are moved to/from the time-major layout
+    and handled elementwise per io chunk (a multiple of ``chunk``, ~IO_CHUNK
+    steps: long enough for cheap transposes); the state work runs per state
+    chunk of ``chunk`` steps, on (T, b, n, d) buffers: channels innermost, so the
+    contractions over n are vector-matrix products.
     """
 
     @staticmethod
@@ -153,32 +179,35 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         b, d, length = u.shape
         n = A.shape[1]
         ct = torch.promote_types(torch.float32, u.dtype)
-        ctx.ct, ctx.softplus, ctx.chunk = ct, softplus, chunk
+        spans = _spans(length, chunk, chunk * max(1, IO_CHUNK // chunk))
+        ctx.ct, ctx.softplus, ctx.chunk, ctx.spans = ct, softplus, chunk, spans
         inputs = (u, delta, B, C, z, delta_bias)
-        starts = range(0, length, chunk)
-        # bounds[k] = the state before chunk k, kept for backward (one allocation);
-        # without autograd only the running state is kept.
+        n_chunks = -(-length // chunk)
+        # bounds[k] = the state before state chunk k, kept for backward (one
+        # allocation); without autograd only the running state is kept.
         save = any(ctx.needs_input_grad)
-        bounds = u.new_zeros((len(starts) + 1 if save else 2, b, n, d), dtype=ct)
+        bounds = u.new_empty((n_chunks + 1 if save else 2, b, n, d), dtype=ct)
+        bounds[0].zero_()
         out = u.new_empty(u.shape)
         with torch.autocast(u.device.type, enabled=False):
             At2 = _log2e_At(A, ct)
-            Dc = None if D is None else D.to(ct)
-            a, H = _buffers(u, length, chunk, b, n, d, ct, 2)
-            for k, t0 in enumerate(starts):
-                t1 = min(t0 + chunk, length)
-                T = t1 - t0
-                ch = _Chunk(inputs, t0, t1, ct, softplus)
-                h0, h1 = (bounds[k], bounds[k + 1]) if save else (bounds[k % 2], bounds[1 - k % 2])
-                _states(ch, At2, h0, a[:T], H[:T])
-                h1.copy_(H[T - 1])
-                y = _contract_n(H[:T], ch.C)
-                if Dc is not None:
-                    y += ch.u * Dc
+            bufs = _StateBuffers(u, length, chunk, b, n, d, ct, 2)
+            for s0, s1, subs in spans:
+                ch = _Chunk(inputs, s0, s1, ct, softplus)
+                y = torch.empty_like(ch.u)
+                for k, t0, t1 in subs:
+                    T = t1 - t0
+                    h0, h1 = (bounds[k], bounds[k + 1]) if save else \
+                        (bounds[k % 2], bounds[1 - k % 2])
+                    _, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], At2, h0, bufs, T)
+                    h1.copy_(H[T - 1])
+                    y[t0:t1] = _contract_n(H, ch.C[t0:t1])
+                if D is not None:
+                    y += ch.u * D.to(ct)
                 if ch.z is not None:
                     y *= F.silu(ch.z)
-                _store_bdl(out, t0, t1, y)
-        last = bounds[len(starts) if save else len(starts) % 2]
+                _store_bdl(out, s0, s1, y)
+        last = bounds[n_chunks if save else n_chunks % 2]
         if save:
             ctx.bounds = bounds
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
@@ -188,7 +217,7 @@ class ChunkedSelectiveScan(torch.autograd.Function):
     def backward(ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         inputs = (u, delta, B, C, z, delta_bias)
-        ct, chunk = ctx.ct, ctx.chunk
+        ct = ctx.ct
         b, d, length = u.shape
         n, g = A.shape[1], B.shape[1]
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -198,55 +227,66 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         dAt = A.new_zeros((n, d), dtype=ct)
         dD = None if D is None else D.new_zeros(d, dtype=ct)
         dbias = None if delta_bias is None else delta_bias.new_zeros(d, dtype=ct)
-        # carry = dL/dh at the last step of the chunk, from the steps after it.
+        # carry = dL/dh at the last step of a state chunk, from the steps after it.
         carry = (u.new_zeros((b, n, d), dtype=ct) if glast is None
                  else glast.to(ct).transpose(1, 2))
-        starts = list(range(0, length, chunk))
         with torch.autocast(u.device.type, enabled=False):
-            At = A.to(ct).t().contiguous()
-            At2 = _log2e_At(A, ct)
+            At, At2 = A.to(ct).t().contiguous(), _log2e_At(A, ct)
             Dc = None if D is None else D.to(ct)
-            bufs = _buffers(u, length, chunk, b, n, d, ct, 3)
-            for k in reversed(range(len(starts))):
-                t0 = starts[k]
-                t1 = min(t0 + chunk, length)
-                ch = _Chunk(inputs, t0, t1, ct, ctx.softplus)
-                # Three (T, b, n, d) buffers; G and H double as scratch once free.
-                a, H, G = (buf[:t1 - t0] for buf in bufs)
-                h0 = ctx.bounds[k]
-                _states(ch, At2, h0, a, H)
-                y = None
+            bufs = _StateBuffers(u, length, ctx.chunk, b, n, d, ct, 3)
+            a_t, G_t = bufs.steps[0], bufs.steps[2]
+            for s0, s1, subs in reversed(ctx.spans):
+                ch = _Chunk(inputs, s0, s1, ct, ctx.softplus)
+                g_out = ch.u.new_zeros(ch.u.shape) if gout is None else _tbd(gout, s0, s1, ct)
+                gy = g_out if z is None else g_out * F.silu(ch.z)  # dL/dy, y = <h, C> + D u
+                y = torch.empty_like(gy) if z is not None else None
+                d_dtu, ddt = torch.empty_like(gy), torch.empty_like(gy)
+                for k, t0, t1 in reversed(subs):
+                    # Three (T, b, n, d) buffers; G and H double as scratch once free.
+                    h0, T = ctx.bounds[k], t1 - t0
+                    a, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], At2, h0, bufs, T)
+                    G = bufs.get(T, 3)[2]
+                    if y is not None:
+                        y[t0:t1] = _contract_n(H, ch.C[t0:t1])
+                    gy_c = gy[t0:t1]
+                    dC[..., s0 + t0:s0 + t1] = \
+                        _contract_d(H, gy_c, g, scratch=G).permute(1, 3, 2, 0)
+                    # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
+                    torch.mul(_grouped(gy_c.unsqueeze(2), g), ch.C[t0:t1].unsqueeze(-1),
+                              out=_grouped(G, g))
+                    G[-1] += carry
+                    for t in range(T - 2, -1, -1):
+                        G_t[t].addcmul_(a_t[t + 1], G_t[t + 1])
+                    d_dtu[t0:t1] = _contract_n(G, ch.B[t0:t1])
+                    # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
+                    q = a.mul_(G)
+                    carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
+                    q[1:].mul_(H[:-1])
+                    q[0].mul_(h0)
+                    dB[..., s0 + t0:s0 + t1] = \
+                        _contract_d(G, ch.dtu[t0:t1], g, scratch=H).permute(1, 3, 2, 0)
+                    torch.sum(torch.mul(q, At, out=H), 2, out=ddt[t0:t1])
+                    dAt += torch.mul(q, ch.dt[t0:t1].unsqueeze(2), out=G).sum((0, 1))
+                # Per-step gradients of the whole io chunk.
+                du_c = d_dtu * ch.dt
+                ddt += d_dtu * ch.u
+                if Dc is not None:
+                    du_c += gy * Dc
+                    dD += (gy * ch.u).sum((0, 1))
                 if z is not None:
-                    y = _contract_n(H, ch.C)
                     if Dc is not None:
                         y += ch.u * Dc
-                gy = _out_grads(gout, ch, y, Dc, t0, t1, ct, dz)
-                du_c = torch.zeros_like(gy) if Dc is None else gy * Dc
-                if Dc is not None:
-                    dD += (gy * ch.u).sum((0, 1))
-                dC[..., t0:t1] = _contract_d(H, gy, g, scratch=G).permute(1, 3, 2, 0)
-                # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
-                torch.mul(_grouped(gy.unsqueeze(2), g), ch.C.unsqueeze(-1),
-                          out=_grouped(G, g))
-                G[-1] += carry
-                for t in range(len(G) - 2, -1, -1):
-                    G[t].addcmul_(a[t + 1], G[t + 1])
-                d_dtu = _contract_n(G, ch.B)
-                # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
-                q = a.mul_(G)
-                carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
-                q[1:].mul_(H[:-1])
-                q[0].mul_(h0)
-                dB[..., t0:t1] = _contract_d(G, ch.dtu, g, scratch=H).permute(1, 3, 2, 0)
-                ddt = torch.mul(q, At, out=H).sum(2) + d_dtu * ch.u
-                dAt += torch.mul(q, ch.dt.unsqueeze(2), out=G).sum((0, 1))
-                du_c += d_dtu * ch.dt
-                if ctx.softplus:
-                    ddt *= torch.sigmoid(ch.dt_raw)
+                    sz = torch.sigmoid(ch.z)
+                    # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
+                    y *= g_out * sz * (1 + ch.z * (1 - sz))
+                    _store_bdl(dz, s0, s1, y)
+                    del y, sz, g_out
+                if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+                    ddt *= torch.expm1(-ch.dt).neg_()
                 if dbias is not None:
                     dbias += ddt.sum((0, 1))
-                _store_bdl(du, t0, t1, du_c)
-                _store_bdl(ddelta, t0, t1, ddt)
+                _store_bdl(du, s0, s1, du_c)
+                _store_bdl(ddelta, s0, s1, ddt)
 
         def cast(grad, like):
             return None if grad is None else grad.to(like.dtype)
