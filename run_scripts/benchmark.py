@@ -1,20 +1,25 @@
 """CPU benchmarks: (a) the selective scan, (b) one encoder layer, Mamba vs attention.
 
-    bash run_scripts/benchmark.sh [--quick]     (--quick: a ~1 minute smoke run)
+    bash run_scripts/benchmark.sh [--quick] [--threads N]   (--quick: ~1 minute smoke run)
 
 Writes outputs/benchmarks/benchmark.{md,json,png}. What is measured:
-  time    wall clock of one call, the minimum over the timed repetitions (after a
-          first, untimed, run), at torch's default thread count. On a shared
-          machine the minimum is the least disturbed run; the load is recorded.
-  memory  peak resident-set increase of the process during one call: glibc's
-          free pages are returned (malloc_trim), the kernel's high-water mark is
-          reset (/proc/self/clear_refs), then VmHWM - VmRSS-before. It counts
-          everything the call allocates: outputs, saved activations, gradients.
+  time    CPU seconds of the process (time.process_time), the minimum over up to 3
+          repetitions after a first run; with one thread (the default) this is the
+          wall time on an idle machine and other load on a shared machine cannot
+          inflate it. Wall times are kept in benchmark.json.
+  memory  live: peak bytes of live tensors during one call, from the allocation
+          and free events of torch.profiler(profile_memory=True): exact and
+          independent of the allocator. rss: peak resident-set increase during
+          one (unprofiled) call: free pages returned (malloc_trim), the kernel's
+          high-water mark reset (/proc/self/clear_refs), then VmHWM - VmRSS before;
+          it adds allocator overhead and fragmentation. Both count everything the
+          call allocates: outputs, saved activations, gradients.
   fwd     forward under torch.no_grad(); fwd+bwd: forward with autograd, then
           backward of a fixed random cotangent (preallocated, not counted).
-Runs that would take minutes or tens of GB (the Python-loop references and the
-Blelloch scan at 4000 steps) are extrapolated linearly in length from the longest
-measured length, and marked as such.
+The Python-loop scans are timed by a single run. Runs that would take
+tens of minutes or tens of GB (the loops and the Blelloch scan at 4000 steps) are
+extrapolated with the log-log slope between the two longest measured lengths, and
+marked as such.
 """
 
 import argparse
@@ -23,7 +28,6 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fairseq_mamba.ops import selective_scan, selective_scan_reference  # noqa: E402
+from benchmark_report import (  # noqa: E402
+    SCAN_SHAPE,
+    layer_report,
+    machine,
+    plot,
+    scan_report,
+)
 from scan_baselines import blelloch_selective_scan, load_mamba_ssm_ref  # noqa: E402
-
-SCAN_SHAPE = dict(batch=4, dim=1536, d_state=16)
 LOOP_MAX_LEN = 1000  # Python-loop scans and Blelloch: longer lengths are extrapolated
 _LIBC = ctypes.CDLL("libc.so.6")
 
@@ -47,29 +56,47 @@ def _vm_kib(key):
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def measure(fn, max_reps=3, budget_s=3.0):
-    """(min CPU seconds, min wall seconds, peak bytes) of fn().
+def measure(fn, single=False, live=True, max_reps=3, budget_s=3.0):
+    """{s, wall, rss, live} of fn(): min CPU and wall seconds, peak RSS increase and
+    peak live tensor bytes (None when not profiled).
 
-    The first run gives the memory and warms up; then up to max_reps timed runs
-    while they fit in budget_s (none: the first run is the timing).
+    A first run gives rss and warms up (single: it is also the timing); a
+    profiled run gives live; then up to max_reps timed runs within budget_s.
     """
     gc.collect()
     _LIBC.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     rss0 = _vm_kib("VmRSS")
-    runs = [_timed(fn)]
-    peak = (_vm_kib("VmHWM") - rss0) * 1024
-    while len(runs) <= max_reps and runs[0][1] * len(runs) < budget_s:
+    first = _timed(fn)
+    rss = (_vm_kib("VmHWM") - rss0) * 1024
+    peak = _profiled(fn) if live else None
+    runs = []
+    while not single and len(runs) < max_reps and first[1] * (len(runs) + 1) < budget_s:
         runs.append(_timed(fn))
-    runs = runs[1:] or runs
-    return min(r[0] for r in runs), min(r[1] for r in runs), peak
+    runs = runs or [first]
+    return dict(s=min(r[0] for r in runs), wall=min(r[1] for r in runs), rss=rss, live=peak)
 
 
 def _timed(fn):
     cpu, wall = time.process_time(), time.perf_counter()
     fn()
     return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _profiled(fn):
+    """Peak live tensor bytes of one run of fn under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")  # +bytes per allocation, -bytes per free
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def fwd_and_train(call, inputs, grad_out):
@@ -121,23 +148,40 @@ def bench_scan(lengths):
                 continue
             inputs, grad_out = scan_inputs(length)
             fwd, train = fwd_and_train(call, inputs, grad_out)
-            budget = 0.0 if looped else 3.0  # loops: the single first run is the timing
-            row = dict(impl=name, length=length)
-            row["fwd_s"], row["fwd_wall"], row["fwd_peak"] = measure(fwd, budget_s=budget)
-            row["train_s"], row["train_wall"], row["train_peak"] = measure(train, budget_s=budget)
-            row["io_bytes"] = sum(t.numel() * t.element_size() for t in inputs.values()) \
-                + grad_out.numel() * 4  # + the output, same size as u
+            row = dict(impl=name, length=length, io_bytes=sum(
+                t.numel() * t.element_size() for t in inputs.values()) + grad_out.numel() * 4)
+            # The profiler slows mamba-ssm's per-step autograd graph >10x: RSS only.
+            live = not name.startswith("mamba-ssm")
+            for mode, fn_ in (("fwd", fwd), ("train", train)):  # io: inputs + the output
+                row.update({f"{mode}_{k}": v for k, v in
+                            measure(fn_, single=looped, live=live).items()})
             rows.append(row)
             print("[scan]", json.dumps(row), flush=True)
-        measured = [r for r in rows if r["impl"] == name]
-        for length in lengths:  # the loops, extrapolated linearly in length
-            if looped and length > LOOP_MAX_LEN and measured:
-                last, scale = measured[-1], length / measured[-1]["length"]
-                rows.append(dict(last, length=length, extrapolated=True,
-                                 **{k: last[k] * scale for k in
-                                    ("fwd_s", "fwd_wall", "fwd_peak", "train_s", "train_wall",
-                                     "train_peak", "io_bytes")}))
+        rows += _extrapolate([r for r in rows if r["impl"] == name],
+                             [n for n in lengths if looped and n > LOOP_MAX_LEN])
     return rows
+
+
+def _extrapolate(measured, lengths):
+    """Rows at ``lengths`` from the log-log slope of the two longest measured ones."""
+    if not measured:
+        return []
+    last, prev = measured[-1], measured[-2] if len(measured) > 1 else None
+    out = []
+    for length in lengths:
+        row = dict(last, length=length, extrapolated=True)
+        for k, v in last.items():
+            if k.endswith(("_s", "_wall", "_rss", "_live", "_bytes")) and v is not None:
+                slope = 1.0 if prev is None else math.log(v / prev[k]) / math.log(
+                    last["length"] / prev["length"])
+                row[k] = v * (length / last["length"]) ** slope
+        out.append(row)
+    return out
+
+
+def _min_time(fn, reps=5):
+    fn()
+    return min(_timed(fn)[0] for _ in range(reps))
 
 
 def bench_elementwise(length):
@@ -145,9 +189,8 @@ def bench_elementwise(length):
     shape = (SCAN_SHAPE["batch"], SCAN_SHAPE["dim"], length, SCAN_SHAPE["d_state"])
     x = torch.rand(shape) * -3
     y = torch.empty_like(x)
-    out = {"mul_s": measure(lambda: torch.mul(x, 2.0, out=y), max_reps=5)[0],
-           "exp_s": measure(lambda: torch.exp(x, out=y), max_reps=5)[0],
-           "exp2_s": measure(lambda: torch.exp2(x, out=y), max_reps=5)[0]}
+    out = {f"{op.__name__}_s": _min_time(lambda op=op: op(x, out=y))
+           for op in (torch.neg, torch.exp, torch.exp2)}
     print("[elementwise]", json.dumps(out), flush=True)
     return out
 
@@ -180,19 +223,13 @@ def bench_layers(lengths):
             fwd, train = fwd_and_train(call, {"x": x}, torch.randn(length, 1, 768, generator=g))
             row = dict(layer=name, length=length)
             layer.eval()
-            row["fwd_s"], row["fwd_wall"], row["fwd_peak"] = measure(fwd)
+            row.update({f"fwd_{k}": v for k, v in measure(fwd).items()})
             layer.train()
-            row["train_s"], row["train_wall"], row["train_peak"] = measure(
-                lambda: (train(), layer.zero_grad(set_to_none=True)))
+            row.update({f"train_{k}": v for k, v in measure(
+                lambda: (train(), layer.zero_grad(set_to_none=True))).items()})
             rows.append(row)
             print("[layer]", json.dumps(row), flush=True)
     return rows
-
-
-def loglog_slope(xs, ys):
-    lx, ly = [math.log(v) for v in xs], [math.log(v) for v in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
 def bench_chunk_sweep(length, configs):
@@ -200,6 +237,7 @@ def bench_chunk_sweep(length, configs):
     from fairseq_mamba.ops import chunked_scan
 
     inputs, grad_out = scan_inputs(length)
+    small = scan_inputs(16)
     default = chunked_scan.IO_CHUNK
     out = {}
     for chunk, io_chunk in configs:
@@ -208,118 +246,12 @@ def bench_chunk_sweep(length, configs):
                 u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, True, chunk)[0]
         chunked_scan.IO_CHUNK = io_chunk
         try:
-            cpu, _, peak = measure(fwd_and_train(call, inputs, grad_out)[1])
+            fwd_and_train(call, *small)[1]()  # process-level first-call costs
+            out[f"{chunk}/{io_chunk}"] = measure(fwd_and_train(call, inputs, grad_out)[1])
         finally:
             chunked_scan.IO_CHUNK = default
-        out[f"{chunk}/{io_chunk}"] = dict(train_s=cpu, train_peak=peak)
     print("[chunk sweep]", json.dumps(out), flush=True)
     return out
-
-
-# ------------------------------------------------------------------------------ report
-def _mb(x):
-    return f"{x / 2**20:.0f}"
-
-
-def _t(row, key):
-    return ("~" if row.get("extrapolated") else "") + f"{row[key]:.3g}"
-
-
-def scan_report(rows, elementwise, sweep, ref_len):
-    ours = {r["length"]: r for r in rows if r["impl"].startswith("ours")}
-    lines = ["## (a) Selective scan", "",
-             f"batch {SCAN_SHAPE['batch']}, dim {SCAN_SHAPE['dim']}, d_state "
-             f"{SCAN_SHAPE['d_state']}, fp32, D + z + delta_bias + softplus. `~` = "
-             "extrapolated linearly in length (not run). Speed-up = their time / ours.", "",
-             "| length | implementation | fwd s | fwd+bwd s | ours faster (fwd / fwd+bwd) "
-             "| peak fwd+bwd MB | peak / (inputs+outputs) |", "|---" * 7 + "|"]
-    for r in sorted(rows, key=lambda r: r["length"]):
-        o = ours[r["length"]]
-        lines.append(f"| {r['length']} | {r['impl']} | {_t(r, 'fwd_s')} | {_t(r, 'train_s')} "
-                     f"| {r['fwd_s'] / o['fwd_s']:.1f}x / {r['train_s'] / o['train_s']:.1f}x "
-                     f"| {_mb(r['train_peak'])} | {r['train_peak'] / r['io_bytes']:.2f} |")
-    o = ours[ref_len]
-    lines += ["", "Targets (fwd+bwd at length %d):" % ref_len, ""]
-    for r in rows:
-        if r["length"] == ref_len and r["impl"].startswith("mamba-ssm"):
-            x = r["train_s"] / o["train_s"]
-            lines.append(f"- vs mamba-ssm `selective_scan_ref`: {x:.0f}x faster (target >= 100x: "
-                         f"{'met' if x >= 100 else 'MISSED'})")
-        if r["length"] == ref_len and r["impl"].startswith("Blelloch"):
-            x = r["train_s"] / o["train_s"]
-            lines.append(f"- vs Blelloch pscan: {x:.1f}x faster (target > 1x: "
-                         f"{'met' if x > 1 else 'MISSED'})")
-    ratio = o["train_peak"] / o["io_bytes"]
-    lines.append(f"- peak memory {ratio:.2f}x inputs+outputs (target <= 2: "
-                 f"{'met' if ratio <= 2 else 'MISSED'})")
-    for op in ("mul", "exp", "exp2"):
-        t = elementwise[op + "_s"]
-        x = o["train_s"] / t
-        lines.append(f"- fwd+bwd = {x:.1f} elementwise `{op}` passes over a (b, d, l, n) fp32 "
-                     f"tensor ({t * 1e3:.1f} ms; aim <= 10: {'met' if x <= 10 else 'missed'})")
-    lines += ["", f"Chunk sweep, ours fwd+bwd at length {ref_len} (state chunk / io chunk: "
-              "CPU s, peak MB): " + ", ".join(f"{c}: {r['train_s']:.3f} s, {_mb(r['train_peak'])}"
-                                              for c, r in sweep.items()), ""]
-    return lines
-
-
-def layer_report(rows):
-    names = list(dict.fromkeys(r["layer"] for r in rows))
-    lengths = sorted({r["length"] for r in rows})
-    get = {(r["layer"], r["length"]): r for r in rows}
-    attn = names[0]
-    lines = ["## (b) One encoder layer, batch 1, dim 768 (T x B x C input)", "",
-             "| layer | mode | " + " | ".join(f"{n} frames" for n in lengths)
-             + " | log-log slope |", "|---" * (len(lengths) + 3) + "|"]
-    for name in names:
-        for mode, key in (("fwd s", "fwd_s"), ("fwd+bwd s", "train_s"),
-                          ("fwd+bwd peak MB", "train_peak")):
-            vals = [get[name, n][key] for n in lengths]
-            cells = [f"{v:.3g}" if key != "train_peak" else _mb(v) for v in vals]
-            slope = f"{loglog_slope(lengths, vals):.2f}" if len(lengths) > 1 else "-"
-            lines.append(f"| {name} | {mode} | " + " | ".join(cells) + f" | {slope} |")
-    lines += ["", "Targets (Mamba layers): log-log slope of fwd+bwd time <= 1.15; faster "
-              "than attention (fwd+bwd) from 2000 frames up.", ""]
-    for name in names[1:]:
-        slope = loglog_slope(lengths, [get[name, n]["train_s"] for n in lengths]) \
-            if len(lengths) > 1 else float("nan")
-        speed = [f"{n}: {get[attn, n]['train_s'] / get[name, n]['train_s']:.2f}x"
-                 for n in lengths if n >= 2000]
-        ok = all(get[attn, n]["train_s"] > get[name, n]["train_s"] for n in lengths
-                 if n >= 2000)
-        lines.append(f"- {name}: slope {slope:.2f} ({'met' if slope <= 1.15 else 'MISSED'} by "
-                     f"{abs(1.15 - slope):.2f}); attention time / this: "
-                     f"{', '.join(speed) or 'n/a'} ({'met' if ok and speed else 'MISSED'})")
-    return lines + [""]
-
-
-def plot(scan_rows, layer_rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, rows, key, title in ((axes[0], scan_rows, "impl", "(a) selective scan fwd+bwd"),
-                                 (axes[1], layer_rows, "layer", "(b) encoder layer fwd+bwd")):
-        for name in dict.fromkeys(r[key] for r in rows):
-            pts = sorted((r["length"], r["train_s"], r.get("extrapolated", False))
-                         for r in rows if r[key] == name)
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-            ax.loglog([p[0] for p in pts if p[2]], [p[1] for p in pts if p[2]], "kx")
-        ax.set(xlabel="length (frames)", ylabel="seconds", title=title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def machine():
-    model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((ln.split(":", 1)[1].strip() for ln in model.splitlines()
-                  if ln.startswith("Model name")), "unknown CPU")
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, no GPU used")
 
 
 def main():
@@ -348,12 +280,13 @@ def main():
                  "and 2000+ frames) are not meaningful here.**", ""] if args.quick else []),
               f"Machine: {machine()}. Load average (1 min) at start {load[0]:.1f}, at end "
               f"{os.getloadavg()[0]:.1f}; run took {time.time() - start:.0f} s.", "",
-              "Times are CPU seconds of the process (`time.process_time`), the minimum over up "
-              "to 3 repetitions after a first run (the single run for the Python-loop scans); "
-              "with one thread that is the wall time of an idle machine, and other load "
-              "cannot inflate it (wall times are in benchmark.json). Memory: peak RSS "
-              "increase during one call (malloc_trim, VmHWM reset), outputs and gradients "
-              "included.", ""]
+              "Times: CPU seconds (`time.process_time`), minimum over up to 3 repetitions "
+              "after a first run (the single run for the Python-loop scans); with one thread "
+              "this is the wall time of an idle machine and other load cannot inflate it "
+              "(wall times: benchmark.json). Memory, outputs and gradients included: peak "
+              "live tensor bytes (torch.profiler memory events; not profiled for mamba-ssm's "
+              "reference, which the profiler slows >10x) and peak RSS increase "
+              "(malloc_trim, VmHWM reset; adds allocator overhead).", ""]
     md = "\n".join(header + scan_report(scan_rows, elementwise, sweep, ref_len)
                    + layer_report(layer_rows))
     (out_dir / "benchmark.md").write_text(md)

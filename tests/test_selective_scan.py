@@ -4,8 +4,10 @@ Tolerances are relative to the scale of the reference tensor:
 max|x - ref| <= rtol * max|ref|, per output and per gradient.
 """
 
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +147,25 @@ def test_reference_against_closed_form():
     with torch.no_grad():
         out = selective_scan_reference(**x)
     torch.testing.assert_close(out[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def _mamba_ssm_selective_scan_ref():
+    """mamba-ssm's own pure-PyTorch reference, loaded as the benchmark loads it."""
+    path = Path(__file__).resolve().parents[1] / "run_scripts" / "scan_baselines.py"
+    spec = importlib.util.spec_from_file_location("scan_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_mamba_ssm_ref()
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_reference_matches_mamba_ssm(groups):
+    """Our reference has mamba-ssm's semantics (skipped without mamba_ssm installed)."""
+    ref, why = _mamba_ssm_selective_scan_ref()
+    if ref is None:
+        pytest.skip(why)
+    x = make_inputs(length=37, groups=groups)
+    assert_same(x, selective_scan_reference, ref, RTOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
