@@ -208,6 +208,16 @@ def test_inputs_not_modified():
         assert torch.equal(x[k].detach(), v), k
 
 
+def test_backward_twice_with_retain_graph():
+    """Backward leaves the saved state intact: a second backward gives the same grads."""
+    x = make_inputs(length=70)
+    out = selective_scan(**x, delta_softplus=True)
+    first = torch.autograd.grad(out.sum(), [x["u"], x["A"]], retain_graph=True)
+    second = torch.autograd.grad(out.sum(), [x["u"], x["A"]])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference])
 def test_length_zero(fn):
     x = make_inputs(length=0)

@@ -8,8 +8,11 @@ contractions. Only the recurrences are Python loops, of one fused ``addcmul_``
 per step on a (b, n, d) slab.
 
 Memory: the (b, d, l, n) states are never stored. Forward keeps only the state
-at each chunk boundary (1/chunk of them); backward recomputes a chunk's states
-from its boundary, then runs the reverse (adjoint) recurrence over that chunk.
+at each io-chunk boundary (see ChunkedSelectiveScan). Backward, per io chunk,
+recomputes the states at its state-chunk boundaries, then per state chunk (last
+first) recomputes the chunk's states and runs the reverse (adjoint) recurrence.
+This second level of recomputation costs ~12% time and saves ~0.2x the
+inputs+outputs size at 1000 steps (measured, see BENCHMARKS.md).
 
 Backward math, with a_t = exp(delta_t A), h_t = a_t h_{t-1} + delta_t u_t B_t,
 y_t = <h_t, C_t>, gy_t = dL/dy_t:
@@ -149,8 +152,7 @@ class _StateBuffers:
 def _spans(length, chunk, io_chunk):
     """[(io_t0, io_t1, [(k, t0, t1), ...]), ...]: io chunks and their state chunks.
 
-    k numbers the state chunks globally (their boundary-state index); t0, t1 are
-    offsets inside the io chunk.
+    k numbers the state chunks globally; t0, t1 are offsets inside the io chunk.
     """
     spans = []
     for s0 in range(0, length, io_chunk):
@@ -168,9 +170,10 @@ class ChunkedSelectiveScan(torch.autograd.Function):
 
     Two chunk levels: per-step values are moved to/from the time-major layout
     and handled elementwise per io chunk (a multiple of ``chunk``, ~IO_CHUNK
-    steps: long enough for cheap transposes); the state work runs per state
-    chunk of ``chunk`` steps, on (T, b, n, d) buffers: channels innermost, so the
-    contractions over n are vector-matrix products.
+    steps: long enough for cheap transposes), whose start states are saved for
+    backward; the state work runs per state chunk of ``chunk`` steps, on
+    (T, b, n, d) buffers: channels innermost, so the contractions over n are
+    vector-matrix products.
     """
 
     @staticmethod
@@ -182,114 +185,149 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         spans = _spans(length, chunk, chunk * max(1, IO_CHUNK // chunk))
         ctx.ct, ctx.softplus, ctx.chunk, ctx.spans = ct, softplus, chunk, spans
         inputs = (u, delta, B, C, z, delta_bias)
-        n_chunks = -(-length // chunk)
-        # bounds[k] = the state before state chunk k, kept for backward (one
-        # allocation); without autograd only the running state is kept.
+        # bounds[i] = the state before io chunk i, kept for backward (one
+        # allocation); the states inside an io chunk are recomputed from it.
         save = any(ctx.needs_input_grad)
-        bounds = u.new_empty((n_chunks + 1 if save else 2, b, n, d), dtype=ct)
-        bounds[0].zero_()
+        bounds = u.new_empty((len(spans) + 1 if save else 1, b, n, d), dtype=ct)
+        run = u.new_zeros((2, b, n, d), dtype=ct)  # running state, double-buffered
         out = u.new_empty(u.shape)
         with torch.autocast(u.device.type, enabled=False):
             At2 = _log2e_At(A, ct)
             bufs = _StateBuffers(u, length, chunk, b, n, d, ct, 2)
-            for s0, s1, subs in spans:
+            for i, (s0, s1, subs) in enumerate(spans):
+                if save:
+                    bounds[i].copy_(run[subs[0][0] % 2])
                 ch = _Chunk(inputs, s0, s1, ct, softplus)
                 y = torch.empty_like(ch.u)
                 for k, t0, t1 in subs:
                     T = t1 - t0
-                    h0, h1 = (bounds[k], bounds[k + 1]) if save else \
-                        (bounds[k % 2], bounds[1 - k % 2])
-                    _, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], At2, h0, bufs, T)
-                    h1.copy_(H[T - 1])
+                    _, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], At2,
+                                   run[k % 2], bufs, T)
+                    run[1 - k % 2].copy_(H[T - 1])
                     y[t0:t1] = _contract_n(H, ch.C[t0:t1])
                 if D is not None:
                     y += ch.u * D.to(ct)
                 if ch.z is not None:
                     y *= F.silu(ch.z)
                 _store_bdl(out, s0, s1, y)
-        last = bounds[n_chunks if save else n_chunks % 2]
+        n_chunks = -(-length // chunk)
         if save:
             ctx.bounds = bounds
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return out, last.transpose(1, 2).contiguous()
+        return out, run[n_chunks % 2].transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, gout, glast):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _ScanBackward(ctx, gout, glast).run() + (None, None)
+
+
+class _ScanBackward:
+    """Backward of ChunkedSelectiveScan: io chunks last first, and inside each its
+    state chunks last first. Returns the gradients of (u, delta, A, B, C, D, z,
+    delta_bias) in their dtypes (None for absent ones)."""
+
+    def __init__(self, ctx, gout, glast):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        inputs = (u, delta, B, C, z, delta_bias)
-        ct = ctx.ct
+        self.ctx, self.gout = ctx, gout
+        self.inputs = (u, delta, B, C, z, delta_bias)
+        self.saved = (A, B, C, D, delta_bias)
+        ct = self.ct = ctx.ct
         b, d, length = u.shape
-        n, g = A.shape[1], B.shape[1]
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = None if z is None else torch.empty_like(z)
-        dB = B.new_zeros(B.shape, dtype=ct)
-        dC = C.new_zeros(C.shape, dtype=ct)
-        dAt = A.new_zeros((n, d), dtype=ct)
-        dD = None if D is None else D.new_zeros(d, dtype=ct)
-        dbias = None if delta_bias is None else delta_bias.new_zeros(d, dtype=ct)
+        n, self.g = A.shape[1], B.shape[1]
+        self.du, self.ddelta = torch.empty_like(u), torch.empty_like(delta)
+        self.dz = None if z is None else torch.empty_like(z)
+        self.dB = B.new_zeros(B.shape, dtype=ct)
+        self.dC = C.new_zeros(C.shape, dtype=ct)
+        self.dAt = A.new_zeros((n, d), dtype=ct)
+        self.dD = None if D is None else D.new_zeros(d, dtype=ct)
+        self.dbias = None if delta_bias is None else delta_bias.new_zeros(d, dtype=ct)
         # carry = dL/dh at the last step of a state chunk, from the steps after it.
-        carry = (u.new_zeros((b, n, d), dtype=ct) if glast is None
-                 else glast.to(ct).transpose(1, 2))
-        with torch.autocast(u.device.type, enabled=False):
-            At, At2 = A.to(ct).t().contiguous(), _log2e_At(A, ct)
-            Dc = None if D is None else D.to(ct)
-            bufs = _StateBuffers(u, length, ctx.chunk, b, n, d, ct, 3)
-            a_t, G_t = bufs.steps[0], bufs.steps[2]
-            for s0, s1, subs in reversed(ctx.spans):
-                ch = _Chunk(inputs, s0, s1, ct, ctx.softplus)
-                g_out = ch.u.new_zeros(ch.u.shape) if gout is None else _tbd(gout, s0, s1, ct)
-                gy = g_out if z is None else g_out * F.silu(ch.z)  # dL/dy, y = <h, C> + D u
-                y = torch.empty_like(gy) if z is not None else None
-                d_dtu, ddt = torch.empty_like(gy), torch.empty_like(gy)
-                for k, t0, t1 in reversed(subs):
-                    # Three (T, b, n, d) buffers; G and H double as scratch once free.
-                    h0, T = ctx.bounds[k], t1 - t0
-                    a, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], At2, h0, bufs, T)
-                    G = bufs.get(T, 3)[2]
-                    if y is not None:
-                        y[t0:t1] = _contract_n(H, ch.C[t0:t1])
-                    gy_c = gy[t0:t1]
-                    dC[..., s0 + t0:s0 + t1] = \
-                        _contract_d(H, gy_c, g, scratch=G).permute(1, 3, 2, 0)
-                    # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
-                    torch.mul(_grouped(gy_c.unsqueeze(2), g), ch.C[t0:t1].unsqueeze(-1),
-                              out=_grouped(G, g))
-                    G[-1] += carry
-                    for t in range(T - 2, -1, -1):
-                        G_t[t].addcmul_(a_t[t + 1], G_t[t + 1])
-                    d_dtu[t0:t1] = _contract_n(G, ch.B[t0:t1])
-                    # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
-                    q = a.mul_(G)
-                    carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
-                    q[1:].mul_(H[:-1])
-                    q[0].mul_(h0)
-                    dB[..., s0 + t0:s0 + t1] = \
-                        _contract_d(G, ch.dtu[t0:t1], g, scratch=H).permute(1, 3, 2, 0)
-                    torch.sum(torch.mul(q, At, out=H), 2, out=ddt[t0:t1])
-                    dAt += torch.mul(q, ch.dt[t0:t1].unsqueeze(2), out=G).sum((0, 1))
-                # Per-step gradients of the whole io chunk.
-                du_c = d_dtu * ch.dt
-                ddt += d_dtu * ch.u
-                if Dc is not None:
-                    du_c += gy * Dc
-                    dD += (gy * ch.u).sum((0, 1))
-                if z is not None:
-                    if Dc is not None:
-                        y += ch.u * Dc
-                    sz = torch.sigmoid(ch.z)
-                    # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-                    y *= g_out * sz * (1 + ch.z * (1 - sz))
-                    _store_bdl(dz, s0, s1, y)
-                    del y, sz, g_out
-                if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-                    ddt *= torch.expm1(-ch.dt).neg_()
-                if dbias is not None:
-                    dbias += ddt.sum((0, 1))
-                _store_bdl(du, s0, s1, du_c)
-                _store_bdl(ddelta, s0, s1, ddt)
+        self.carry = (u.new_zeros((b, n, d), dtype=ct) if glast is None
+                      else glast.to(ct).transpose(1, 2))
+        self.At, self.At2 = A.to(ct).t().contiguous(), _log2e_At(A, ct)
+        self.Dc = None if D is None else D.to(ct)
+        self.bufs = _StateBuffers(u, length, ctx.chunk, b, n, d, ct, 3)
+        n_sub = len(ctx.spans[0][2]) if ctx.spans else 1
+        self.starts = u.new_empty((n_sub, b, n, d), dtype=ct)
+
+    def run(self):
+        for i in reversed(range(len(self.ctx.spans))):
+            self.io_chunk(i)
+        A, B, C, D, delta_bias = self.saved
 
         def cast(grad, like):
             return None if grad is None else grad.to(like.dtype)
 
-        return (du, ddelta, cast(dAt.t(), A), cast(dB, B), cast(dC, C), cast(dD, D), dz,
-                cast(dbias, delta_bias), None, None)
+        return (self.du, self.ddelta, cast(self.dAt.t(), A), cast(self.dB, B),
+                cast(self.dC, C), cast(self.dD, D), self.dz, cast(self.dbias, delta_bias))
+
+    def io_chunk(self, i):
+        ctx, ct, Dc, z = self.ctx, self.ct, self.Dc, self.inputs[4]
+        s0, s1, subs = ctx.spans[i]
+        ch = _Chunk(self.inputs, s0, s1, ct, ctx.softplus)
+        # The states before each state chunk, recomputed from the io chunk's.
+        self.starts[0].copy_(ctx.bounds[i])
+        for j, (_, t0, t1) in enumerate(subs[:-1]):
+            _, H = _states(ch.dt[t0:t1], ch.dtu[t0:t1], ch.B[t0:t1], self.At2, self.starts[j],
+                           self.bufs, t1 - t0)
+            self.starts[j + 1].copy_(H[t1 - t0 - 1])
+        g_out = (ch.u.new_zeros(ch.u.shape) if self.gout is None
+                 else _tbd(self.gout, s0, s1, ct))
+        gy = g_out if z is None else g_out * F.silu(ch.z)  # dL/dy, y = <h, C> + D u
+        y = torch.empty_like(gy) if z is not None else None
+        d_dtu, ddt = torch.empty_like(gy), torch.empty_like(gy)
+        for j in reversed(range(len(subs))):
+            _, t0, t1 = subs[j]
+            sl = slice(t0, t1)
+            y_c = None if y is None else y[sl]
+            self.state_chunk(ch, sl, s0, self.starts[j], gy[sl], y_c, d_dtu[sl], ddt[sl])
+        # Per-step gradients of the whole io chunk.
+        du_c = d_dtu * ch.dt
+        ddt += d_dtu * ch.u
+        if Dc is not None:
+            du_c += gy * Dc
+            self.dD += (gy * ch.u).sum((0, 1))
+        if z is not None:
+            if Dc is not None:
+                y += ch.u * Dc
+            sz = torch.sigmoid(ch.z)
+            # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
+            y *= g_out * sz * (1 + ch.z * (1 - sz))
+            _store_bdl(self.dz, s0, s1, y)
+        if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+            ddt *= torch.expm1(-ch.dt).neg_()
+        if self.dbias is not None:
+            self.dbias += ddt.sum((0, 1))
+        _store_bdl(self.du, s0, s1, du_c)
+        _store_bdl(self.ddelta, s0, s1, ddt)
+
+    def state_chunk(self, ch, sl, s0, h0, gy, y, d_dtu, ddt):
+        """One state chunk [sl] of io chunk ch (at s0) from its start state h0.
+
+        Accumulates dA, writes dB, dC; fills y (if not None), d_dtu = dL/d(delta u)
+        and ddt = the delta gradient through A, all (T, b, d) views.
+        """
+        g, T = self.g, sl.stop - sl.start
+        a_t, G_t = self.bufs.steps[0], self.bufs.steps[2]
+        # Three (T, b, n, d) buffers; G and H double as scratch once free.
+        a, H = _states(ch.dt[sl], ch.dtu[sl], ch.B[sl], self.At2, h0, self.bufs, T)
+        G = self.bufs.get(T, 3)[2]
+        if y is not None:
+            y.copy_(_contract_n(H, ch.C[sl]))
+        t_abs = slice(s0 + sl.start, s0 + sl.stop)
+        self.dC[..., t_abs] = _contract_d(H, gy, g, scratch=G).permute(1, 3, 2, 0)
+        # Reverse recurrence dh_t = gy_t C_t + a_{t+1} dh_{t+1}.
+        torch.mul(_grouped(gy.unsqueeze(2), g), ch.C[sl].unsqueeze(-1), out=_grouped(G, g))
+        G[-1] += self.carry
+        for t in range(T - 2, -1, -1):
+            G_t[t].addcmul_(a_t[t + 1], G_t[t + 1])
+        d_dtu.copy_(_contract_n(G, ch.B[sl]))
+        # q_t = dh_t a_t h_{t-1} = dL/d(delta_t A), built in place in a.
+        q = a.mul_(G)
+        self.carry = q[0].clone()  # a_t0 dh_t0 flows into the previous chunk
+        q[1:].mul_(H[:-1])
+        q[0].mul_(h0)
+        self.dB[..., t_abs] = _contract_d(G, ch.dtu[sl], g, scratch=H).permute(1, 3, 2, 0)
+        torch.sum(torch.mul(q, self.At, out=H), 2, out=ddt)
+        self.dAt += torch.mul(q, ch.dt[sl].unsqueeze(2), out=G).sum((0, 1))
