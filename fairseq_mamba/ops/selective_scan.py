@@ -44,7 +44,7 @@ def _shape(t):
 
 
 def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
-    """Validate shapes; raise ValueError naming the bad argument. Returns groups."""
+    """Validate shapes; raise ValueError naming the bad argument and its shape."""
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, dim, length), got shape {_shape(u)}")
     batch, dim, length = u.shape
@@ -75,7 +75,6 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
             raise ValueError(f"{name} must be (dim={dim},), got shape {_shape(t)}")
     if z is not None and _shape(z) != _shape(u):
         raise ValueError(f"z must have u's shape {_shape(u)}, got shape {_shape(z)}")
-    return groups
 
 
 def compute_dtype(u):
