@@ -109,7 +109,8 @@ def plot(scan_rows, layer_rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, rows, key, title in ((axes[0], scan_rows, "impl", "(a) selective scan fwd+bwd"),
+    scan_title = "(a) selective scan fwd+bwd (x: extrapolated)"
+    for ax, rows, key, title in ((axes[0], scan_rows, "impl", scan_title),
                                  (axes[1], layer_rows, "layer", "(b) encoder layer fwd+bwd")):
         for name in dict.fromkeys(r[key] for r in rows):
             pts = sorted((r["length"], r["train_s"], r.get("extrapolated", False))
