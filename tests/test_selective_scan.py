@@ -21,12 +21,12 @@ from fairseq_mamba.ops import (
 )
 from fairseq_mamba.ops.chunked_scan import ChunkedSelectiveScan
 
-GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
 def make_inputs(batch=2, dim=6, length=33, d_state=4, dtype=torch.float32, groups=None,
-                seed=0, device="cpu", with_D=True, with_z=True, with_bias=True):
+                seed=0, device="cpu", with_D=True, with_z=True, with_bias=True, with_h0=False):
     """Realistic Mamba ranges: A = -exp(.) with several decay rates, dt ~ softplus range."""
     g = torch.Generator().manual_seed(seed)
     bc = (batch, d_state, length) if groups is None else (batch, groups, d_state, length)
@@ -39,6 +39,7 @@ def make_inputs(batch=2, dim=6, length=33, d_state=4, dtype=torch.float32, group
         "D": torch.randn(dim, generator=g) if with_D else None,
         "z": torch.randn(batch, dim, length, generator=g) if with_z else None,
         "delta_bias": torch.randn(dim, generator=g) * 0.3 if with_bias else None,
+        "initial_state": torch.randn(batch, dim, d_state, generator=g) if with_h0 else None,
     }
     return {k: None if v is None else v.to(device, dtype).requires_grad_()
             for k, v in x.items()}
@@ -46,7 +47,9 @@ def make_inputs(batch=2, dim=6, length=33, d_state=4, dtype=torch.float32, group
 
 def run(fn, x, softplus=True, last=True, grad_seed=1):
     """Outputs and the gradients of a random linear functional of them."""
-    res = fn(**x, delta_softplus=softplus, return_last_state=last)
+    # initial_state only when given: mamba-ssm's reference has no such argument.
+    args = {k: v for k, v in x.items() if k != "initial_state" or v is not None}
+    res = fn(**args, delta_softplus=softplus, return_last_state=last)
     outs = res if last else (res,)
     g = torch.Generator().manual_seed(grad_seed)
     loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum()
@@ -101,17 +104,65 @@ def test_optional_arguments(with_D, with_z, with_bias, softplus, last):
 
 @pytest.mark.parametrize("chunk,length", [(1, 50), (3, 50), (3, 200), (16, 50), (16, 300),
                                           (50, 50), (64, 200), (200, 130)])
-def test_chunk_sizes(chunk, length):
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_chunk_sizes(chunk, length, with_h0):
     """State and io chunk boundaries (state carried forward, adjoint carried
-    backward), full and partial, are exact."""
-    x = make_inputs(length=length, dtype=torch.float64)
+    backward), full and partial, are exact; so is an initial state and its gradient."""
+    x = make_inputs(length=length, dtype=torch.float64, with_h0=with_h0)
 
-    def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    def chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                initial_state=None):
         out, last = ChunkedSelectiveScan.apply(u, delta, A, B.unsqueeze(1), C.unsqueeze(1),
-                                               D, z, delta_bias, delta_softplus, chunk)
+                                               D, z, delta_bias, delta_softplus, chunk,
+                                               initial_state)
         return (out, last) if return_last_state else out
 
     assert_same(x, chunked, selective_scan_reference, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [0, 1, 7, 64, 257])
+@pytest.mark.parametrize("with_D,with_z", [(True, True), (False, False)])
+def test_initial_state_matches_reference(length, dtype, with_D, with_z):
+    """Outputs, last state and every gradient, initial_state's included."""
+    x = make_inputs(length=length, dtype=dtype, dim=4, with_D=with_D, with_z=with_z,
+                    with_h0=True)
+    assert_same(x, selective_scan, selective_scan_reference, RTOL[dtype])
+
+
+def test_initial_state_is_h_minus_one():
+    """One step by hand: h_0 = exp(dt A) h0 + dt u B, y_0 = <h_0, C>."""
+    x = make_inputs(batch=1, dim=2, length=1, d_state=3, dtype=torch.float64,
+                    with_D=False, with_z=False, with_bias=False, with_h0=True)
+    v = {k: t.detach() for k, t in x.items() if t is not None}
+    dt, u, B, C = v["delta"][0, :, 0], v["u"][0, :, 0], v["B"][0, :, 0], v["C"][0, :, 0]
+    h = torch.exp(dt[:, None] * v["A"]) * v["initial_state"][0] + (dt * u)[:, None] * B
+    for fn in (selective_scan, selective_scan_reference):
+        out, last = fn(**v, return_last_state=True)
+        torch.testing.assert_close(last[0], h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[0, :, 0], (h * C).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [[1], [16], [50], [1, 2, 3], [33, 34, 90], [0, 64, 64, 127]])
+def test_pieces_with_carried_state_equal_one_pass(splits):
+    """Scan [0, s1), [s1, s2), ... each from the last state of the one before: the same
+    outputs, last state and input gradients as one pass (the gradient flows back through
+    every carried state)."""
+    x = make_inputs(length=128, dtype=torch.float64)
+    edges = [0, *splits, 128]
+
+    def pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+               initial_state=None):
+        outs, state = [], initial_state
+        for t0, t1 in zip(edges[:-1], edges[1:]):
+            out, state = selective_scan(u[..., t0:t1], delta[..., t0:t1], A, B[..., t0:t1],
+                                        C[..., t0:t1], D, z[..., t0:t1], delta_bias,
+                                        delta_softplus, True, initial_state=state)
+            outs.append(out)
+        out = torch.cat(outs, dim=-1)
+        return (out, state) if return_last_state else out
+
+    assert_same(x, pieces, selective_scan_reference, RTOL[torch.float64])
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3])
@@ -272,6 +323,7 @@ BAD_INPUTS = [
     (_bad(D=torch.zeros(5)), r"D must .*\(5,\)"),
     (_bad(z=torch.zeros(2, 6, 4)), r"z must .*\(2, 6, 4\)"),
     (_bad(delta_bias=torch.zeros(6, 1)), r"delta_bias must .*\(6, 1\)"),
+    (_bad(initial_state=torch.zeros(2, 4, 6)), r"initial_state must .*\(2, 4, 6\)"),
 ]
 
 

@@ -163,10 +163,10 @@ def _spans(length, chunk, io_chunk):
 
 
 class ChunkedSelectiveScan(torch.autograd.Function):
-    """apply(u, delta, A, B, C, D, z, delta_bias, softplus, chunk).
+    """apply(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, h0=None).
 
-    B and C come grouped: (b, g, n, l). Returns (out (b, d, l) in u's dtype,
-    last_state (b, d, n) in the compute dtype).
+    B and C come grouped: (b, g, n, l); h0: optional initial state (b, d, n).
+    Returns (out (b, d, l) in u's dtype, last_state (b, d, n) in the compute dtype).
 
     Two chunk levels: per-step values are moved to/from the time-major layout
     and handled elementwise per io chunk (a multiple of ``chunk``, ~IO_CHUNK
@@ -177,7 +177,7 @@ class ChunkedSelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, chunk, h0=None):
         ctx.set_materialize_grads(False)
         b, d, length = u.shape
         n = A.shape[1]
@@ -190,6 +190,8 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         bounds = u.new_empty((len(spans) + 1 if save else 1, b, n, d), dtype=ct)
         run = u.new_zeros((2, b, n, d), dtype=ct)  # running state, double-buffered
+        if h0 is not None:
+            run[0].copy_(h0.transpose(1, 2))
         out = u.new_empty(u.shape)
         with torch.autocast(u.device.type, enabled=False):
             At2 = _log2e_At(A, ct)
@@ -213,22 +215,23 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         n_chunks = -(-length // chunk)
         if save:
             ctx.bounds = bounds
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
         return out, run[n_chunks % 2].transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, gout, glast):
         with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            return _ScanBackward(ctx, gout, glast).run() + (None, None)
+            grads = _ScanBackward(ctx, gout, glast).run()
+        return grads[:8] + (None, None, grads[8])
 
 
 class _ScanBackward:
     """Backward of ChunkedSelectiveScan: io chunks last first, and inside each its
     state chunks last first. Returns the gradients of (u, delta, A, B, C, D, z,
-    delta_bias) in their dtypes (None for absent ones)."""
+    delta_bias, h0) in their dtypes (None for absent ones)."""
 
     def __init__(self, ctx, gout, glast):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, self.h0 = ctx.saved_tensors
         self.ctx, self.gout = ctx, gout
         self.inputs = (u, delta, B, C, z, delta_bias)
         self.saved = (A, B, C, D, delta_bias)
@@ -259,8 +262,11 @@ class _ScanBackward:
         def cast(grad, like):
             return None if grad is None else grad.to(like.dtype)
 
+        # After the first state chunk, carry = a_0 dh_0 = dL/dh_{-1}, the h0 gradient.
+        dh0 = None if self.h0 is None else self.carry.transpose(1, 2)
         return (self.du, self.ddelta, cast(self.dAt.t(), A), cast(self.dB, B),
-                cast(self.dC, C), cast(self.dD, D), self.dz, cast(self.dbias, delta_bias))
+                cast(self.dC, C), cast(self.dD, D), self.dz, cast(self.dbias, delta_bias),
+                cast(dh0, self.h0))
 
     def io_chunk(self, i):
         ctx, ct, Dc, z = self.ctx, self.ct, self.Dc, self.inputs[4]

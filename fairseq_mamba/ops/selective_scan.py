@@ -6,10 +6,16 @@ Shapes (b = batch, d = dim, n = d_state, l = length, g = groups):
     B, C             (b, n, l) or grouped (b, g, n, l), d % g == 0
     D, delta_bias    (d,)
     out              (b, d, l) in u's dtype
+    initial_state    (b, d, n), optional: h_{-1}, e.g. the last_state of the previous chunk
     last_state       (b, d, n) in the compute dtype (fp32, or fp64 for fp64 inputs)
 
 Per channel d and time t (delta' = softplus(delta + delta_bias) if asked):
-    h_t = exp(delta'_t A) * h_{t-1} + delta'_t u_t B_t      (h_{-1} = 0)
+    h_t = exp(delta'_t A) * h_{t-1} + delta'_t u_t B_t      (h_{-1} = initial_state, or 0)
+
+Scanning a sequence in pieces, each from the previous piece's ``last_state``, gives the
+one-pass outputs (the recurrence is the same; only float rounding differs). mamba-ssm's
+``selective_scan_fn`` has ``return_last_state`` but no initial state, so a call with
+``initial_state`` always takes the PyTorch path; its gradient is returned like any input's.
     y_t = <h_t, C_t> + D u_t ;  out_t = y_t * silu(z_t)
 
 The state math is always done in at least fp32, also under ``torch.autocast``.
@@ -43,7 +49,7 @@ def _shape(t):
     return None if t is None else tuple(t.shape)
 
 
-def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None):
     """Validate shapes; raise ValueError naming the bad argument and its shape."""
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, dim, length), got shape {_shape(u)}")
@@ -75,6 +81,9 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None):
             raise ValueError(f"{name} must be (dim={dim},), got shape {_shape(t)}")
     if z is not None and _shape(z) != _shape(u):
         raise ValueError(f"z must have u's shape {_shape(u)}, got shape {_shape(z)}")
+    if initial_state is not None and _shape(initial_state) != (batch, dim, d_state):
+        raise ValueError(f"initial_state must be (batch, dim, d_state)={(batch, dim, d_state)}, "
+                         f"got shape {_shape(initial_state)}")
 
 
 def compute_dtype(u):
@@ -88,9 +97,9 @@ def _as_grouped(t):
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                             delta_softplus=False, return_last_state=False):
+                             delta_softplus=False, return_last_state=False, initial_state=None):
     """Plain sequential loop over time; the ground truth for every fast path."""
-    check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
     ct = compute_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
@@ -105,7 +114,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         Bd = Bg.repeat_interleave(rep, dim=1)  # (b, d, n, l)
         Cd = Cg.repeat_interleave(rep, dim=1)
         Ac = A.to(ct)
-        h = u.new_zeros((batch, dim, A.shape[1]), dtype=ct)
+        h = (u.new_zeros((batch, dim, A.shape[1]), dtype=ct) if initial_state is None
+             else initial_state.to(ct))
         ys = []
         # unbind, not indexing per step: the backward of t-indexing would build a
         # full-size gradient per step (quadratic in length).
@@ -123,13 +133,14 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                   delta_softplus=False, return_last_state=False):
-    """mamba-ssm's CUDA kernel on GPU when available, else the chunked PyTorch path."""
-    check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if u.is_cuda and HAS_CUDA_SCAN:
+                   delta_softplus=False, return_last_state=False, initial_state=None):
+    """mamba-ssm's CUDA kernel on GPU when available (and no ``initial_state``), else the
+    chunked PyTorch path."""
+    check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if u.is_cuda and HAS_CUDA_SCAN and initial_state is None:
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  return_last_state)
     out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
                                                  _as_grouped(C), D, z, delta_bias,
-                                                 bool(delta_softplus), CHUNK)
+                                                 bool(delta_softplus), CHUNK, initial_state)
     return (out, last_state) if return_last_state else out
