@@ -94,12 +94,29 @@ def _standardise(fit: Tensor, *others: Tensor) -> List[Tensor]:
     return [(t - mean) / std for t in (fit, *others)]
 
 
+def _reduce(fit: Tensor, *others: Tensor, pca: Optional[int] = None) -> List[Tensor]:
+    """Z-score with ``fit``'s statistics, then (if ``pca`` < d) project every tensor onto the
+    top-``pca`` principal axes of the z-scored ``fit`` rows and z-score the projections.
+
+    fit: (N, d), others: (M, d) -> tensors of (., min(pca, d)). The axes come from ``fit`` only,
+    so held-out rows never shape the projection."""
+    if pca is not None and pca < 1:
+        raise ValueError(f"pca must be a number of dimensions >= 1, got {pca}")
+    out = _standardise(fit, *others)
+    if pca is None or pca >= fit.shape[1]:
+        return out
+    cov = out[0].T.double() @ out[0].double() / max(1, fit.shape[0] - 1)
+    axes = torch.linalg.eigh(cov).eigenvectors[:, -pca:].flip(1).to(fit.dtype)  # (d, pca), largest first
+    return _standardise(*(t @ axes for t in out))
+
+
 def _neural(kind: str) -> Callable:
-    def run(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.3, **train_options):
+    def run(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.3, pca: Optional[int] = None,
+            **train_options):
         fit, test = _split(x.shape[0], held_out, gen)
-        x_fit, x_test = _standardise(x[fit].float(), x[test].float())
+        x_fit, x_test = _reduce(x[fit].float(), x[test].float(), pca=pca)
         if y.is_floating_point():
-            y_fit, y_test = _standardise(y[fit].float(), y[test].float())
+            y_fit, y_test = _reduce(y[fit].float(), y[test].float(), pca=pca)
             n_classes = None
         else:
             y_fit, y_test, n_classes = y[fit], y[test], int(y.max()) + 1
@@ -119,19 +136,20 @@ def _chebyshev(a: Tensor) -> Tensor:
     return torch.cat([(a[i:i + chunk, None, :] - a[None, :, :]).abs().amax(-1) for i in range(0, len(a), chunk)])
 
 
-def _ksg(x: Tensor, y: Tensor, gen: torch.Generator, k: int = 3, n_samples: int = 2000):
+def _ksg(x: Tensor, y: Tensor, gen: torch.Generator, k: int = 3, n_samples: int = 2000, pca: Optional[int] = None):
     """KSG algorithm 1 on a random subset of ``n_samples`` points (all points if N is smaller).
 
     eps_i = distance to the k-th neighbour in the joint max-norm; n_x(i), n_y(i) = points
     strictly closer than eps_i in each marginal; I = psi(k) + psi(N) - <psi(n_x+1) + psi(n_y+1)>.
-    Inputs are z-scored per dimension first. Cost O(N^2 (dx + dy)).
+    Inputs are z-scored per dimension first (and reduced to ``pca`` principal components of the
+    subset when given). Cost O(N^2 (dx + dy)).
     """
     if not y.is_floating_point():
         raise ValueError("method 'ksg' needs continuous y of shape (N, dy); use 'plugin' or 'mine' for labels")
     if k < 1 or k >= min(n_samples, x.shape[0]):
         raise ValueError(f"k={k} must be in [1, n_samples)")
     idx = torch.randperm(x.shape[0], generator=gen)[:n_samples]
-    xs, ys = _standardise(x[idx].float())[0], _standardise(y[idx].float())[0]
+    xs, ys = _reduce(x[idx].float(), pca=pca)[0], _reduce(y[idx].float(), pca=pca)[0]
     dx, dy = _chebyshev(xs), _chebyshev(ys)
     dxy = torch.maximum(dx, dy)
     dxy.fill_diagonal_(float("inf"))
@@ -152,9 +170,10 @@ def _entropy_mm(counts: np.ndarray) -> float:
 
 
 def _plugin(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.5, n_codes: int = 128,
-            batch_size: int = 2048):
-    """k-means codebook (MiniBatchKMeans, ``n_codes``) fit on the fit split; Miller-Madow
-    plug-in I(code; y) = H(code) + H(y) - H(code, y) on the held-out split."""
+            batch_size: int = 2048, pca: Optional[int] = None):
+    """k-means codebook (MiniBatchKMeans, ``n_codes``) fit on the fit split (optionally on its
+    ``pca`` principal components); Miller-Madow plug-in I(code; y) = H(code) + H(y) - H(code, y)
+    on the held-out split."""
     from sklearn.cluster import MiniBatchKMeans
 
     if y.is_floating_point():
@@ -162,7 +181,7 @@ def _plugin(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.5, n
     fit, test = _split(x.shape[0], held_out, gen)
     if n_codes < 2 or n_codes > len(fit):
         raise ValueError(f"n_codes={n_codes} must be in [2, n_fit={len(fit)}]")
-    x_fit, x_test = (t.double().numpy() for t in _standardise(x[fit].double(), x[test].double()))
+    x_fit, x_test = (t.double().numpy() for t in _reduce(x[fit].double(), x[test].double(), pca=pca))
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     km = MiniBatchKMeans(n_clusters=n_codes, batch_size=batch_size, n_init=3, random_state=seed).fit(x_fit)
     codes, labels = km.predict(x_test), y[test].numpy()
@@ -183,7 +202,9 @@ def estimate_mi(x: Tensor, y: Tensor, method: str = "mine", seed: int = 0, repea
     Each repeat r draws its own split / subset and (for neural methods) a fresh critic from
     ``seed`` and r only, so equal seeds give equal results regardless of earlier calls or the
     global RNG. ``options`` go to the method (held_out, hidden, embed, batch_size, lr,
-    max_steps, ... for mine/infonce; k, n_samples for ksg; held_out, n_codes for plugin).
+    max_steps, ... for mine/infonce; k, n_samples for ksg; held_out, n_codes for plugin;
+    ``pca``: reduce continuous x and y to that many principal components, fitted on the fit
+    split, for every method).
     Raises ValueError for bad inputs, unknown methods and unknown options.
     """
     if method not in METHODS:
