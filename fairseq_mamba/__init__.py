@@ -1,8 +1,9 @@
 """fairseq_mamba: HuBERT with bidirectional Mamba layers, as a fairseq user-dir plugin.
 
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
-model and criterion, and lets fairseq's own checkpoint loading read checkpoints under
-torch >= 2.6 (see ``checkpoint_compat``).
+model and criterion, lets fairseq's own checkpoint loading read checkpoints under
+torch >= 2.6 (see ``checkpoint_compat``) and checks every split fairseq's ``hubert_pretraining``
+task loads before it loads it (``data_checks``).
 """
 try:
     import fairseq  # noqa: F401
@@ -16,5 +17,9 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq
 from .checkpoint_compat import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
+
+from .data_checks import install_training_checks  # noqa: E402
+
+install_training_checks()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)
