@@ -2,8 +2,9 @@
 
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
 model and criterion, lets fairseq's own checkpoint loading read checkpoints under
-torch >= 2.6 (see ``checkpoint_compat``) and checks every split fairseq's ``hubert_pretraining``
-task loads before it loads it (``data_checks``).
+torch >= 2.6 (see ``checkpoint_compat``), checks every split fairseq's ``hubert_pretraining``
+task loads before it loads it (``data_checks``), and makes a killed run resume exactly
+(``resume``).
 """
 try:
     import fairseq  # noqa: F401
@@ -19,7 +20,9 @@ from .checkpoint_compat import allow_fairseq_checkpoints
 allow_fairseq_checkpoints()
 
 from .data_checks import install_training_checks  # noqa: E402
+from .resume import install_resume_fixes  # noqa: E402
 
 install_training_checks()
+install_resume_fixes()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)
