@@ -234,26 +234,28 @@ def check_labels(manifest: Manifest, label_path: str, dict_path: str, label_rate
     if not os.path.isfile(label_path):
         raise DataError(f"label file {label_path} does not exist.\n  Fix: make the labels (stage 04 "
                         "for k-means units) or correct task.label_dir / task.labels")
-    with open(label_path) as f:
-        lines = [line.split() for line in f]  # counted the way fairseq's HubertDataset counts
-    if len(lines) != len(manifest.entries):
-        raise DataError(f"{label_path} has {len(lines)} lines but {manifest.path} lists "
+    problems, mismatched, rates, count = [], [], [], 0
+    with open(label_path) as f:  # streamed (960 h of 50 Hz units is ~2e8 labels); lines counted
+        for count, line in enumerate(f, start=1):  # the way fairseq's HubertDataset counts them
+            if count > len(manifest.entries):
+                continue
+            entry, tokens = manifest.entries[count - 1], line.split()
+            where = f"{label_path} line {count} ({entry.rel})"
+            unknown = sorted(set(tokens) - symbols)
+            if unknown:
+                problems.append(Problem(manifest.path, entry.line, where,
+                                        f"has labels not in {dict_path}: {' '.join(unknown[:5])}",
+                                        "the labels and the dictionary come from different k-means "
+                                        "models; remake both (stage 04)"))
+            elif label_rate > 0:
+                seconds = entry.samples / sample_rate
+                rates.append(len(tokens) / seconds if seconds else 0.0)
+                if abs(seconds - len(tokens) / label_rate) > LABEL_TOLERANCE_S:
+                    mismatched.append((entry, where, seconds, len(tokens)))
+    if count != len(manifest.entries):
+        raise DataError(f"{label_path} has {count} lines but {manifest.path} lists "
                         f"{len(manifest.entries)} utterances.\n  Fix: the labels were made from another "
                         "manifest; remake them from this one (stages 02-04)")
-    problems, mismatched, rates = [], [], []
-    for i, (entry, tokens) in enumerate(zip(manifest.entries, lines), start=1):
-        where = f"{label_path} line {i} ({entry.rel})"
-        unknown = sorted(set(tokens) - symbols)
-        if unknown:
-            problems.append(Problem(manifest.path, entry.line, where,
-                                    f"has labels not in {dict_path}: {' '.join(unknown[:5])}",
-                                    "the labels and the dictionary come from different k-means "
-                                    "models; remake both (stage 04)"))
-        elif label_rate > 0:
-            seconds = entry.samples / sample_rate
-            rates.append(len(tokens) / seconds if seconds else 0.0)
-            if abs(seconds - len(tokens) / label_rate) > LABEL_TOLERANCE_S:
-                mismatched.append((entry, where, seconds, len(tokens)))
     if mismatched:
         guess = float(np.median(rates))
         fix = ("the labels of this line do not belong to its audio; remake them (stages 02-04) or "
