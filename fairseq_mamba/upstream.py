@@ -219,7 +219,9 @@ class _SkippingReader:
         if self.dim is None:  # the feature size, from the shard's first good utterance
             good = next(((p, n) for p, n in self.generator() if not isinstance(p, _BadPath)), None)
             if good is None:
-                raise data_checks.DataError(f"every line of this shard is bad ({path} ...)")
+                raise data_checks.DataError(f"every line of this shard is bad (e.g. {path}): no "
+                                            "feature size to give them.\n  Fix: repair the audio, "
+                                            "or shard the manifest differently")
             self.dim = self.reader.get_feats(*good).shape[1]
         import torch
 

@@ -308,6 +308,14 @@ def test_kmeans_and_label_dump_check_their_inputs(skipped_features, tmp_path, mo
         patch_input_checks("learn_kmeans", [str(tmp_path / "feat"), "train", "1", "km.bin", "3"])
 
 
+def test_a_shard_of_only_bad_lines_has_no_feature_size():
+    from fairseq_mamba.upstream import _BadPath, _SkippingReader
+
+    reader = _SkippingReader(SimpleNamespace(get_feats=None), lambda: iter([(_BadPath("a.wav"), 9)]))
+    with pytest.raises(DataError, match=r"every line of this shard is bad \(e.g. a.wav\)"):
+        reader.get_feats(_BadPath("a.wav"), 9)
+
+
 def test_hubert_feature_dump_stops_before_work(skipped_run, tmp_path):
     root, _, checkpoint = skipped_run  # its manifest still lists the two bad lines
     rc, log = upstream("dump_hubert_feature", root, "train", checkpoint, 1, 1, 0, tmp_path / "feat")
