@@ -161,7 +161,8 @@ class StreamingEncoder:
             self._window = frames.new_zeros(batch, self.pos_left, dim)
             self._pending = frames[:, :0]
         right_pad = [frames.new_zeros(batch, self.lookahead_frames, dim)] if final else []
-        self._window = torch.cat([self._window, self.pos_pre(frames), *right_pad], dim=1)
+        pre = self.pos_pre(frames.transpose(1, 2)).transpose(1, 2)  # modules work on (batch, dim, time)
+        self._window = torch.cat([self._window, pre, *right_pad], dim=1)
         self._pending = torch.cat([self._pending, frames], dim=1)
         kernel = self.pos_left + self.lookahead_frames + 1
         n_out = self._window.shape[1] - kernel + 1
