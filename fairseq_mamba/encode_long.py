@@ -28,8 +28,9 @@ from omegaconf import OmegaConf
 from fairseq_mamba.long_form import conv_geometry, iter_layer_features
 
 
-def build_from_config(path, seed):
-    """(random-init model, task normalize) from a pretraining yaml (mamba_hubert or hubert)."""
+def build_from_config(path, seed, **overrides):
+    """(random-init model, task normalize) from a pretraining yaml (mamba_hubert or hubert);
+    ``overrides`` replace model fields (e.g. bimamba_type="none")."""
     from fairseq.data import Dictionary
     from fairseq.models.hubert.hubert import HubertConfig, HubertModel
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
@@ -38,6 +39,7 @@ def build_from_config(path, seed):
 
     yaml = OmegaConf.to_container(OmegaConf.load(path))
     fields = {k: v for k, v in yaml["model"].items() if k != "_name" and v != "???"}
+    fields.update(overrides)
     classes = {"mamba_hubert": (MambaHubertConfig, MambaHubertModel), "hubert": (HubertConfig, HubertModel)}
     name = yaml["model"].get("_name")
     if name not in classes:
@@ -95,7 +97,7 @@ def main(argv=None):
     if normalize:  # as fairseq's dataset and feature reader do, over the whole waveform
         wav = F.layer_norm(wav, wav.shape)
     os.makedirs(args.out_dir, exist_ok=True)
-    frames = 0
+    frames, encode_start, encode_cpu = 0, time.time(), time.process_time()
     for k, feats in iter_layer_features(model, wav, layers, args.chunk_frames, progress=not args.no_progress):
         np.save(os.path.join(args.out_dir, f"layer{k}.npy"), feats.numpy())
         frames = feats.shape[0]
@@ -104,6 +106,8 @@ def main(argv=None):
         "frames": frames, "frame_rate_hz": 16000 / conv_geometry(model.feature_extractor)[1],
         "layers": sorted(set(layers)),
         "normalize": normalize, "seconds": round(time.time() - start, 2),
+        "encode_seconds": round(time.time() - encode_start, 2),
+        "encode_cpu_seconds": round(time.process_time() - encode_cpu, 2),
     }
     with open(os.path.join(args.out_dir, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
