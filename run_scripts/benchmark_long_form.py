@@ -17,8 +17,10 @@ excluded; encode_long includes writing its .npy files), and the whole subprocess
 A run whose address space would pass --cap-gb is stopped by the kernel (RLIMIT_AS) and shows
 as "over cap": the cap protects the shared machine; where that happens is reported, not what
 the run would need.
-Slopes: log-log slope of time and of (RSS - RSS of the model alone) between the two longest
-lengths that ran. The machine may be shared: compare rows of one run.
+Slopes: log-log slope of CPU time and of (RSS - RSS of the model alone) between the two
+longest lengths that ran; for the one-pass runs also least-squares fits (RSS linear, CPU time
+a L + b L^2) and what they predict where a run was stopped. Raw rows: outputs/benchmarks/
+long_form.json. The machine may be shared: compare rows of one run.
 """
 import argparse
 import glob
@@ -112,6 +114,23 @@ def slope(rows, key, base=0.0):
     return f"{math.log((b[key] - base) / (a[key] - base)) / math.log(b['seconds'] / a['seconds']):.2f}"
 
 
+def fits(rows, base_mb, total_mb):
+    """Least-squares fits over the runs that finished: RSS = base + m L, CPU time = a L + b L^2.
+    Returns a line with m, where RSS would reach total_mb, a and b, and the predicted times of
+    the runs that did not finish and of 600 s."""
+    ok = [r for r in rows if r["rc"] == 0]
+    if len(ok) < 2:
+        return "too few finished runs to fit"
+    L = np.array([r["seconds"] for r in ok], dtype=float)
+    m = float(L @ (np.array([r["rss"] for r in ok]) - base_mb) / (L @ L))
+    (a, b), *_ = np.linalg.lstsq(np.stack([L, L ** 2], 1), np.array([r["cpu"] for r in ok]), rcond=None)
+    targets = sorted({r["seconds"] for r in rows if r["rc"] != 0} | {600})
+    predicted = ", ".join(f"{t} s -> {a * t + b * t * t:.0f} CPU s, {base_mb + m * t:.0f} MB" for t in targets)
+    return (f"RSS = model alone + {m:.1f} MB per audio second (reaches this machine's "
+            f"{total_mb / 1024:.0f} GiB at {(total_mb - base_mb) / m:.0f} s of audio); CPU s = "
+            f"{a:.3g} L + {b:.3g} L^2; extrapolated: {predicted}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="10 and 20 s only (smoke run)")
@@ -169,6 +188,15 @@ def main():
     for case, rows in results.items():
         name, method = case.split(" ", 1)
         print(f"| {name} | {method} | {slope(rows, 'cpu')} | {slope(rows, 'rss', baseline[name])} |")
+    with open("/proc/meminfo") as f:
+        total_mb = int(f.readline().split()[1]) / 1024
+    print("\nFits (extrapolations are not measurements):\n")
+    for case, rows in results.items():
+        if case.endswith("one pass"):
+            print(f"- {case}: {fits(rows, baseline[case.split()[0]], total_mb)}")
+    out = ROOT / "outputs" / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_form.json").write_text(json.dumps({"baseline_mb": baseline, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
