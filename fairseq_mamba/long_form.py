@@ -62,7 +62,7 @@ def group_norm_affine(block, wav, chunk_samples):
     norm = next(m for m in block if isinstance(m, nn.GroupNorm))
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     n_out = num_frames(wav.shape[-1], kernel, stride)
-    total = torch.zeros(2, conv.out_channels, dtype=torch.float64)
+    total = torch.zeros(2, conv.out_channels, dtype=torch.float64, device=wav.device)
     step = max(1, chunk_samples // stride)
     for span in time_chunks(n_out, step):
         y = conv(wav[None, None, span.start * stride:(span.stop - 1) * stride + kernel])[0].double()
@@ -132,7 +132,7 @@ def iter_layer_features(model, wav: torch.Tensor, layers: Iterable[int], chunk_f
     n_chunks = len(time_chunks(length, chunk_frames))
     bar = tqdm(total=n_chunks + wanted[-1], unit="step", disable=not progress,
                desc=f"front-end, {length} frames")
-    x = torch.empty(length, encoder.embedding_dim)
+    x = wav.new_empty(length, encoder.embedding_dim)
     for span, features in front_end_chunks(model, wav, chunk_frames):
         x[span] = features
         bar.update()

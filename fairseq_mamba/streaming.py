@@ -118,7 +118,7 @@ class StreamingEncoder:
         """samples: (batch, n) or (n,) -> (batch, frames, dim) features of the frames completed."""
         if self._flushed:
             raise ValueError("forward_chunk after flush(): call reset() to start a new stream")
-        samples = torch.as_tensor(samples, dtype=torch.float32)
+        samples = torch.as_tensor(samples, dtype=torch.float32, device=self.model.layer_norm.weight.device)
         if samples.dim() == 1:
             samples = samples[None]
         if samples.dim() != 2:
@@ -133,7 +133,7 @@ class StreamingEncoder:
             raise ValueError("flush() called twice: call reset() to start a new stream")
         self._flushed = True
         if self._pending is None:  # no frame was ever completed
-            return torch.zeros(0, 0, self.model.encoder.embedding_dim)
+            return self.model.layer_norm.weight.new_zeros(0, 0, self.model.encoder.embedding_dim)
         return self._emit(self._pending[:, :0], final=True)
 
     def _front_end(self, samples):
