@@ -27,7 +27,6 @@ import glob
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+
+from benchmark_report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"hubert": "hubert_base_librispeech.yaml", "mamba_hubert": "mamba_hubert_base_librispeech.yaml"}
@@ -170,8 +172,8 @@ def main():
                 print(out[-3000:], file=sys.stderr)
             if rc != 0:
                 break  # longer lengths cannot fit either
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread, "
-          f"address-space cap {args.cap_gb:g} GiB per run; load average {load0:.1f} at start, "
+    torch.set_num_threads(1)  # as every measured subprocess; only for machine()'s line
+    print(f"Machine: {machine()}; address-space cap {args.cap_gb:g} GiB per run; load average {load0:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end; {time.time() - started:.0f} s in all.\n")
     print("Model alone (interpreter, torch, random-init model): " +
           ", ".join(f"{k} {v:.0f} MB" for k, v in baseline.items()) + "\n")

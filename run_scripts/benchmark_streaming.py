@@ -14,7 +14,6 @@ Timings are wall-clock on a possibly shared machine: compare rows of one run.
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmark_report import machine  # noqa: E402
 from fairseq_mamba.encode_long import build_from_config  # noqa: E402
 from fairseq_mamba.streaming import StreamingEncoder  # noqa: E402
 
@@ -54,8 +54,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wav = torch.randn(1, int(args.seconds * 16000), generator=torch.Generator().manual_seed(0))
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {args.threads} thread(s); {args.seconds:g} s of audio; "
+    print(f"Machine: {machine()}; {args.seconds:g} s of audio; "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print("| model | chunk | per-chunk ms median | p95 | RTF | lookahead | max abs stream - full |")
     print("|---|---|---|---|---|---|---|")
