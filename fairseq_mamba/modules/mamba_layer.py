@@ -15,7 +15,7 @@ import torch.nn as nn
 from fairseq import utils
 from fairseq.modules import LayerNorm
 
-from .mamba_mixer import ExternalBiMamba, Mamba
+from .mamba_mixer import ExternalBiMamba, Mamba, time_chunks
 
 BIMAMBA_TYPES = ("external", "internal", "none")
 
@@ -57,10 +57,40 @@ class MambaEncoderLayer(nn.Module):
         ``self_attn_mask``, ``need_weights`` and ``att_args`` are accepted for interface
         compatibility and ignored (a Mamba has no attention weights; None is returned for them).
         """
-        residual = x
+        return self._after_mixer(x, self._mix(self._mixer_input(x), self_attn_padding_mask))
+
+    def forward_chunk(self, x: torch.Tensor, state=None):
+        """Streaming step (causal mixer only): the next frames of ``forward`` on the whole stream.
+
+        x: (time >= 1, batch, dim), no padding; state: None at the start, else the state
+        returned for the previous chunk (the mixer's conv and SSM state; everything else in
+        the layer works frame by frame). Returns (x, new state).
+        """
+        mixed, state = self.mixer.forward_chunk(self._mixer_input(x).transpose(0, 1), state)
+        return self._after_mixer(x, mixed.transpose(0, 1))[0], state
+
+    def forward_long(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``forward(x)[0]`` for one long unpadded sequence x (time, batch, dim), holding a few
+        (time, batch, dim) tensors and ``chunk``-frame intermediates instead of the whole
+        layer's activations (the mixer runs in state-carrying sweeps, the rest frame-wise)."""
+        spans = time_chunks(x.shape[0], chunk)
+        mixer_input = x
         if self.layer_norm_first:
-            x = self.mixer_layer_norm(x)
-        x = self._mix(x, self_attn_padding_mask)
+            mixer_input = x.new_empty(x.shape)
+            for span in spans:
+                mixer_input[span] = self.mixer_layer_norm(x[span])
+        mixed = self.mixer.forward_long(mixer_input.transpose(0, 1), chunk).transpose(0, 1)
+        del mixer_input
+        out = torch.empty_like(x)
+        for span in spans:
+            out[span] = self._after_mixer(x[span], mixed[span])[0]
+        return out
+
+    def _mixer_input(self, x):
+        return self.mixer_layer_norm(x) if self.layer_norm_first else x
+
+    def _after_mixer(self, residual, x):
+        """Residual, norms and FFN around the mixer output x; every step is per frame."""
         layer_result = x
         x = residual + self.dropout1(x)
         if not self.layer_norm_first:

@@ -50,6 +50,13 @@ def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> 
     return x.gather(dim, index.view(shape).expand_as(x))
 
 
+def time_chunks(length: int, chunk: int):
+    """[slice(0, chunk), slice(chunk, 2 * chunk), ...] covering ``range(length)``."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: a chunk must hold at least one frame")
+    return [slice(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
 class SelectiveSSM(nn.Module):
     """The part of a Mamba block that has a direction: causal conv, input-dependent (Δ, B, C), scan.
 
@@ -93,14 +100,39 @@ class SelectiveSSM(nn.Module):
         """x, z: (batch, d_inner, length); valid: optional (batch, length) bool for the Δ statistic."""
         length = x.shape[-1]
         x = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        dt, B, C = self._delta_b_c(x)
+        self._record_delta(dt, valid, length)
+        return self._scan(x, z, dt, B, C)
+
+    def forward_chunk(self, x: torch.Tensor, z: torch.Tensor, state=None):
+        """Continue a sequence from ``state``: the next ``length`` frames of ``forward(x, z)``.
+
+        x, z: (batch, d_inner, length >= 1); state: None at the start, else the state returned
+        for the previous chunk: (conv_state (batch, d_inner, d_conv - 1), the last conv inputs;
+        ssm_state (batch, d_inner, d_state) fp32, h_{t-1}). Returns (y (batch, d_inner, length),
+        new state). Chunks of any sizes give forward() on their concatenation (up to rounding).
+        """
+        conv_state, ssm_state = (None, None) if state is None else state
+        x, conv_state = ops.causal_conv1d(
+            x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+            initial_states=conv_state, return_final_states=True,
+        )
+        dt, B, C = self._delta_b_c(x)
+        y, ssm_state = self._scan(x, z, dt, B, C, initial_state=ssm_state, return_last_state=True)
+        return y, (conv_state, ssm_state)
+
+    def _delta_b_c(self, x):
+        """Conv output x (batch, d_inner, length) -> Δ before bias (batch, d_inner, length), B, C."""
         x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (batch, length, r + 2n)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length)
+        return dt, B, C
+
+    def _scan(self, x, z, dt, B, C, **state_args):
         A = -torch.exp(self.A_log.float())
-        self._record_delta(dt, valid, length)
         return ops.selective_scan(
             x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
-            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, **state_args,
         )
 
     @torch.no_grad()
@@ -161,6 +193,45 @@ class Mamba(nn.Module):
         y = y / len(self.ssms)
         return self.out_proj(y.transpose(1, 2))
 
+    def forward_chunk(self, hidden: torch.Tensor, state=None):
+        """Streaming step of a causal mixer: the next frames of ``forward`` on the whole stream.
+
+        hidden: (batch, length >= 1, d_model), no padding; state: None at the start, else the
+        state returned for the previous chunk (see ``SelectiveSSM.forward_chunk``).
+        Returns (out (batch, length, d_model), new state).
+        """
+        if self.directions != ("forward",):
+            raise ValueError(
+                f"Mamba(directions={self.directions}) reads the future, so it cannot continue a "
+                "stream chunk by chunk; only the causal mixer (bimamba_type=none) can")
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        y, state = self.ssms[0].forward_chunk(x, z, state)
+        return self.out_proj(y.transpose(1, 2)), state
+
+    def forward_long(self, hidden: torch.Tensor, chunk: int, reverse: bool = False):
+        """``forward(hidden)`` for one long unpadded sequence, ``chunk`` frames at a time.
+
+        Each direction is one sweep over the chunks carrying its conv and SSM state (the
+        backward one from the last chunk to the first), so besides the (batch, length, d_model)
+        output only a (batch, d_inner, length) sum of the directions is held. ``reverse=True``
+        gives rev(forward(rev(hidden))) without materialising the reversed sequence.
+        """
+        batch, length, _ = hidden.shape
+        spans = time_chunks(length, chunk)
+        y = hidden.new_zeros(batch, self.d_inner, length)
+        for direction, ssm in zip(self.directions, self.ssms):
+            backwards = (direction == "backward") != reverse
+            state = None
+            for span in (reversed(spans) if backwards else spans):
+                h = hidden[:, span].flip(1) if backwards else hidden[:, span]
+                x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+                y_span, state = ssm.forward_chunk(x, z, state)
+                y[..., span] += y_span.flip(-1) if backwards else y_span
+        out = hidden.new_empty(batch, length, self.d_model)
+        for span in spans:
+            out[:, span] = self.out_proj((y[..., span] / len(self.ssms)).transpose(1, 2))
+        return out
+
     def _use_fused_kernel(self, xz):
         # mamba-ssm's fused conv+scan+out_proj kernel covers the one-direction case; its padding
         # needs no care because padding is at the end and the kernel is causal.
@@ -203,3 +274,13 @@ class ExternalBiMamba(nn.Module):
         if self.merge is None:
             return y_fwd + y_bwd
         return self.merge(torch.cat([y_fwd, y_bwd], dim=-1))
+
+    def forward_long(self, hidden: torch.Tensor, chunk: int):
+        """``forward(hidden)`` for one long unpadded sequence in ``chunk``-frame sweeps."""
+        y_fwd = self.forward_mamba.forward_long(hidden, chunk)
+        y_bwd = self.backward_mamba.forward_long(hidden, chunk, reverse=True)
+        if self.merge is None:
+            return y_fwd.add_(y_bwd)
+        for span in time_chunks(hidden.shape[1], chunk):  # y_fwd becomes the output, in place
+            y_fwd[:, span] = self.merge(torch.cat([y_fwd[:, span], y_bwd[:, span]], dim=-1))
+        return y_fwd
