@@ -1,8 +1,10 @@
 """fairseq_mamba: HuBERT with bidirectional Mamba layers, as a fairseq user-dir plugin.
 
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
-model and criterion, and lets fairseq's own checkpoint loading read checkpoints under
-torch >= 2.6 (see ``checkpoint_compat``).
+model and criterion, lets fairseq's own checkpoint loading read checkpoints under
+torch >= 2.6 (see ``checkpoint_compat``), checks every split fairseq's ``hubert_pretraining``
+task loads before it loads it (``data_checks``), and makes a killed run resume exactly
+(``resume``).
 """
 try:
     import fairseq  # noqa: F401
@@ -16,5 +18,11 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq
 from .checkpoint_compat import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
+
+from .data_checks import install_training_checks  # noqa: E402
+from .resume import install_resume_fixes  # noqa: E402
+
+install_training_checks()
+install_resume_fixes()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)

@@ -55,12 +55,22 @@ Before that, these fixes are applied:
 6. **Our checkpoints.**  ``import fairseq_mamba`` registers the ``mamba_hubert`` model/criterion
    (so ``load_model_ensemble_and_task`` can rebuild a mamba_hubert checkpoint) and adds fairseq's
    config classes to torch's ``weights_only`` allow-list (torch >= 2.6 default).
+
+7. **Inputs are checked before a script does any work** (``fairseq_mamba.data_checks``): the
+   feature dumps check the audio of their shard's manifest lines (``get_path_iterator`` is
+   wrapped), ``learn_kmeans`` and ``dump_km_label`` the feature shards they read (and the k-means
+   model's dimension). A bad line stops the script with one ``DataError`` naming the file, the
+   manifest line and the fix.  With ``FAIRSEQ_MAMBA_BAD_LINES=skip`` a feature dump instead writes
+   zero frames for each bad line (counted in the log), so features and labels stay line-aligned
+   with the manifest and training (same setting) drops those lines.
 """
 import importlib
 import os
 import runpy
 import sys
 import types
+
+from fairseq_mamba import data_checks
 
 SOX_HELP = (
     "fairseq asked torchaudio.sox_effects to {what}, but sox effects are not available in this "
@@ -193,6 +203,75 @@ def apply_all():
     import fairseq_mamba  # noqa: F401  (fix 6)
 
 
+class _BadPath(str):
+    """A manifest path whose line is skipped: the reader gives it zero frames."""
+
+
+class _SkippingReader:
+    """A simple_kmeans feature reader that returns (0, dim) features for ``_BadPath`` s."""
+
+    def __init__(self, reader, generator):
+        self.reader, self.generator, self.dim = reader, generator, None
+
+    def get_feats(self, path, ref_len=None):
+        if not isinstance(path, _BadPath):
+            return self.reader.get_feats(path, ref_len)
+        if self.dim is None:  # the feature size, from the shard's first good utterance
+            good = next(((p, n) for p, n in self.generator() if not isinstance(p, _BadPath)), None)
+            if good is None:
+                raise data_checks.DataError(f"every line of this shard is bad (e.g. {path}): no "
+                                            "feature size to give them.\n  Fix: repair the audio, "
+                                            "or shard the manifest differently")
+            self.dim = self.reader.get_feats(*good).shape[1]
+        import torch
+
+        return torch.zeros(0, self.dim)
+
+
+def patch_input_checks(script, args):
+    """Fix 7: check a simple_kmeans script's inputs before it starts (see the module docstring)."""
+    import feature_utils
+
+    if script in ("learn_kmeans", "dump_km_label"):
+        feat_dir, split = args[0], args[1]
+        if script == "learn_kmeans":
+            nshard, ranks, dim = int(args[2]), range(int(args[2])), None
+        else:
+            km_path, nshard, ranks = args[2], int(args[3]), [int(args[4])]
+            if not os.path.isfile(km_path):
+                raise data_checks.DataError(f"k-means model {km_path} does not exist.\n  Fix: learn "
+                                            "it first (stage 03, learn_kmeans)")
+            import joblib
+
+            dim = joblib.load(km_path).cluster_centers_.shape[1]
+        data_checks.check_feature_shards(feat_dir, split, nshard, ranks, dim)
+        return
+    get_path_iterator, dump_feature = feature_utils.get_path_iterator, feature_utils.dump_feature
+    sample_rate = int(args[args.index("--sample_rate") + 1]) if "--sample_rate" in args else 16000
+
+    def checked_get_path_iterator(tsv, nshard, rank):
+        manifest = data_checks.read_manifest(tsv)
+        start, end = feature_utils.get_shard_range(len(manifest.entries), nshard, rank)
+        problems = data_checks.check_audio(manifest, sample_rate, manifest.entries[start:end])
+        bad = data_checks.settle(problems, f"{tsv} (shard {rank}/{nshard})")
+        iterate, num = get_path_iterator(tsv, nshard, rank)
+
+        def tagged():
+            for entry, (path, n) in zip(manifest.entries[start:end], iterate()):
+                yield (_BadPath(path) if entry.line in bad else path), n
+
+        tagged.skips = bool(bad)
+        return tagged, num
+
+    def checked_dump_feature(reader, generator, *rest):
+        if getattr(generator, "skips", False):
+            reader = _SkippingReader(reader, generator)
+        return dump_feature(reader, generator, *rest)
+
+    feature_utils.get_path_iterator = checked_get_path_iterator
+    feature_utils.dump_feature = checked_dump_feature
+
+
 def run(script, args):
     apply_all()
     if script in ("fairseq-hydra-train", "hydra_train"):
@@ -207,6 +286,7 @@ def run(script, args):
         avail = sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py"))
         raise SystemExit(f"unknown script {script!r}; available in {d}: {', '.join(avail)}")
     sys.path.insert(0, d)
+    patch_input_checks(name, args)
     sys.argv = [path, *args]
     runpy.run_path(path, run_name="__main__")
 
@@ -216,7 +296,10 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    run(argv[0], argv[1:])
+    try:
+        run(argv[0], argv[1:])
+    except data_checks.DataError as err:  # the message is the whole story: no traceback
+        raise SystemExit(f"{type(err).__name__}: {err}") from None
 
 
 if __name__ == "__main__":

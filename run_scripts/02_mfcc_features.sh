@@ -2,8 +2,8 @@
 # Stage 2: MFCC (+delta, +delta-delta, 39-d) features with fairseq's dump_mfcc_feature.py.
 # usage: run_scripts/02_mfcc_features.sh MANIFEST_DIR FEAT_DIR [NSHARD=1] [RANK=all]
 # Splits: $SPLITS (default "train valid"). RANK=all runs every shard here one after another;
-# a number runs only that shard (for parallel jobs). A shard is skipped when its .done marker
-# exists, and redone (partial output removed) otherwise.
+# a number runs only that shard (for parallel jobs). A shard is skipped when complete for the
+# same manifest, redone when partial, and never overwritten from another manifest (FORCE=1 does).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 2 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
@@ -11,12 +11,13 @@ tsv=$(abspath "$1"); feat=$(abspath "$2"); nshard=${3:-1}; rank=${4:-all}
 mkdir -p "$feat"
 ranks=$([[ "$rank" == all ]] && seq 0 $((nshard - 1)) || echo "$rank")
 for split in ${SPLITS:-train valid}; do
+  stamp="mfcc of $tsv/$split.tsv ($(fingerprint "$tsv/$split.tsv"))"
   for r in $ranks; do
     base="$feat/${split}_${r}_${nshard}"
-    if [[ -f "$base.done" ]]; then log "$split shard $r/$nshard done, skipping"; continue; fi
+    needs_run "$base.done" "$stamp" "$split shard $r/$nshard" "$base.npy" "$base.len" || continue
     rm -f "$base.npy" "$base.len"
     log "MFCC $split shard $r/$nshard"
     upstream dump_mfcc_feature "$tsv" "$split" "$nshard" "$r" "$feat"
-    touch "$base.done"
+    mark_done "$base.done" "$stamp"
   done
 done

@@ -3,11 +3,13 @@
 # usage: run_scripts/06_hubert_features.sh CKPT MANIFEST_DIR FEAT_DIR [LAYER=middle] [NSHARD=1] [RANK=all]
 # LAYER defaults to the middle encoder layer (encoder_layers // 2, at least 1), as HuBERT's
 # layer 6 of 12. Then reuse 03_kmeans.sh and 04_labels.sh on FEAT_DIR for iteration-2 labels.
-# Splits: $SPLITS (default "train valid"); shards with a .done marker are skipped.
+# Splits: $SPLITS (default "train valid"). A shard is skipped when complete for the same
+# checkpoint, layer and manifest, redone when partial, refused for other inputs unless FORCE=1.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 3 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
 ckpt=$(abspath "$1"); tsv=$(abspath "$2"); feat=$(abspath "$3"); layer=${4:-middle}; nshard=${5:-1}; rank=${6:-all}
+[[ -f "$ckpt" ]] || { echo "checkpoint $ckpt does not exist (run stage 05 first)" >&2; exit 1; }
 if [[ "$layer" == middle ]]; then
   layer=$("$PY" -c '
 import sys, torch, fairseq_mamba
@@ -16,14 +18,16 @@ print(max(1, cfg["model"]["encoder_layers"] // 2))' "$ckpt")
 fi
 mkdir -p "$feat"
 ranks=$([[ "$rank" == all ]] && seq 0 $((nshard - 1)) || echo "$rank")
+ckpt_print=$(fingerprint "$ckpt")
 for split in ${SPLITS:-train valid}; do
+  stamp="layer $layer of $ckpt ($ckpt_print) on $tsv/$split.tsv ($(fingerprint "$tsv/$split.tsv"))"
   for r in $ranks; do
     base="$feat/${split}_${r}_${nshard}"
-    if [[ -f "$base.done" ]]; then log "$split shard $r/$nshard done, skipping"; continue; fi
+    needs_run "$base.done" "$stamp" "$split shard $r/$nshard" "$base.npy" "$base.len" || continue
     rm -f "$base.npy" "$base.len"
     log "features of $ckpt layer $layer: $split shard $r/$nshard"
     upstream dump_hubert_feature "$tsv" "$split" "$ckpt" "$layer" "$nshard" "$r" "$feat" \
       --max_chunk "${MAX_CHUNK:-1600000}"
-    touch "$base.done"
+    mark_done "$base.done" "$stamp"
   done
 done

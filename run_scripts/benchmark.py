@@ -1,4 +1,5 @@
-"""CPU benchmarks: (a) the selective scan, (b) one encoder layer, Mamba vs attention.
+"""CPU benchmarks: (a) the selective scan, (b) one encoder layer, Mamba vs attention,
+(c) training seconds per update of the tiny configs (see benchmark_training.py).
 
     bash run_scripts/benchmark.sh [--quick] [--threads N]   (--quick: ~1 minute smoke run)
 
@@ -45,6 +46,7 @@ from benchmark_report import (  # noqa: E402
     plot,
     scan_report,
 )
+from benchmark_training import bench_training, training_report  # noqa: E402
 from scan_baselines import blelloch_selective_scan, load_mamba_ssm_ref  # noqa: E402
 LOOP_MAX_LEN = 1000  # Python-loop scans and Blelloch: longer lengths are extrapolated
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -277,6 +279,7 @@ def main():
                               [(8, 64), (16, 16), (16, 32), (16, 64), (16, 128), (32, 64)])
     scan_rows = bench_scan(scan_lengths)
     layer_rows = bench_layers(layer_lengths)
+    training = bench_training(out_dir, args.quick, args.threads)
     header = [f"# Benchmark{' (--quick)' if args.quick else ''}", "",
               *(["**--quick smoke run: short lengths, so the targets (defined at length 1000 "
                  "and 2000+ frames) are not meaningful here.**", ""] if args.quick else []),
@@ -290,10 +293,11 @@ def main():
               "reference, which the profiler slows >10x) and peak RSS increase "
               "(malloc_trim, VmHWM reset; adds allocator overhead).", ""]
     md = "\n".join(header + scan_report(scan_rows, elementwise, sweep, ref_len)
-                   + layer_report(layer_rows))
+                   + layer_report(layer_rows) + training_report(training))
     (out_dir / "benchmark.md").write_text(md)
     (out_dir / "benchmark.json").write_text(json.dumps(
-        dict(scan=scan_rows, layers=layer_rows, elementwise=elementwise, chunk_sweep=sweep),
+        dict(scan=scan_rows, layers=layer_rows, elementwise=elementwise, chunk_sweep=sweep,
+             training=training),
         indent=1))
     plot(scan_rows, layer_rows, out_dir / "benchmark.png")
     print(md)

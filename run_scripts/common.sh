@@ -9,3 +9,42 @@ log() { echo "[$(date +%H:%M:%S) $(basename "$0")] $*" >&2; }
 # upstream <script> args... : fairseq's simple_kmeans script through our compat wrapper
 upstream() { "$PY" -m fairseq_mamba.upstream "$@"; }
 abspath() { "$PY" -c 'import os,sys; print(os.path.abspath(sys.argv[1]))' "$1"; }
+
+# Stage bookkeeping. A piece of work (a stage, a shard) is complete when its MARKER file holds
+# its STAMP: one line naming its inputs (with fingerprints) and settings, written last.
+#   needs_run MARKER STAMP LABEL [OUTPUT...]
+#     returns 1 (skip: "LABEL done, skipping") when MARKER holds STAMP; 0 (do the work) when there
+#     is no MARKER, saying so when some OUTPUT already exists (a partial run, which the caller
+#     redoes); when MARKER holds another STAMP the outputs came from other inputs: stops with an
+#     error, unless FORCE=1, which redoes the work and says so.
+#   mark_done MARKER STAMP: record completion, atomically.
+#   fingerprint FILE...: 16 hex digits from the files' contents (size and mtime above 50 MB).
+needs_run() {
+  local marker=$1 stamp=$2 label=$3 out; shift 3
+  if [[ -f "$marker" ]]; then
+    [[ "$(cat "$marker")" == "$stamp" ]] && { log "$label done, skipping"; return 1; }
+    if [[ "${FORCE:-0}" != 1 ]]; then
+      echo "[$(basename "$0")] error: $label ($marker) was made from other inputs or settings" >&2
+      echo "  made from: $(cat "$marker")" >&2
+      echo "  asked for: $stamp" >&2
+      echo "  Fix: use another output path, delete it, or set FORCE=1 to redo it (overwrites it)" >&2
+      exit 1
+    fi
+    log "FORCE=1: redoing $label (was made from: $(cat "$marker"))"
+    rm -f "$marker"
+    return 0
+  fi
+  for out in "$@"; do
+    if [[ -e "$out" ]]; then log "$label is incomplete (no $(basename "$marker")): redoing it"; break; fi
+  done
+  return 0
+}
+mark_done() { echo "$2" >"$1.tmp.$$" && mv "$1.tmp.$$" "$1"; }
+fingerprint() {
+  local f
+  for f in "$@"; do
+    if [[ ! -e "$f" ]]; then echo "$f missing"
+    elif (( $(stat -c %s "$f") < 50000000 )); then echo "$f $(md5sum <"$f")"
+    else stat -c '%n %s %Y' "$f"; fi
+  done | md5sum | cut -c1-16
+}

@@ -70,10 +70,18 @@ def validate_config(cfg: MambaHubertConfig) -> None:
     for name in ("mamba_d_state", "mamba_d_conv", "encoder_embed_dim", "encoder_layers"):
         if int(getattr(cfg, name)) < 1:
             raise ValueError(f"model.{name}={getattr(cfg, name)} must be >= 1")
-    if float(cfg.mamba_expand) * cfg.encoder_embed_dim < 1:
+    inner = float(cfg.mamba_expand) * cfg.encoder_embed_dim
+    if inner < 1:
         raise ValueError(f"model.mamba_expand={cfg.mamba_expand} gives an empty inner width")
-    if str(cfg.mamba_dt_rank) != "auto" and not str(cfg.mamba_dt_rank).isdigit():
+    if inner != int(inner):
+        raise ValueError(f"model.mamba_expand={cfg.mamba_expand} x encoder_embed_dim="
+                         f"{cfg.encoder_embed_dim} = {inner:g} is not a whole inner width")
+    if str(cfg.mamba_dt_rank) != "auto" and not (str(cfg.mamba_dt_rank).isdigit()
+                                                 and int(cfg.mamba_dt_rank) >= 1):
         raise ValueError(f"model.mamba_dt_rank={cfg.mamba_dt_rank!r}: use 'auto' or a positive integer")
+    if cfg.mamba_ffn and cfg.encoder_ffn_embed_dim < 1:
+        raise ValueError(f"model.encoder_ffn_embed_dim={cfg.encoder_ffn_embed_dim} must be >= 1 with "
+                         "mamba_ffn=true (set mamba_ffn=false for pure Mamba blocks)")
     if str(cfg.bimamba_type) not in BIMAMBA_TYPES:
         raise ValueError(f"model.bimamba_type={cfg.bimamba_type!r}: choose one of {BIMAMBA_TYPES}")
 
