@@ -168,12 +168,15 @@ def test_bad_streams_name_the_file_line_and_fix(corpus, tmp_path):
         lf.align(np.zeros((10, 39)), geometry, utts[0].n_samples, lf.MFCC_WIN, f"MFCC of {utts[0].path} (manifest line 2)")
 
 
-def test_bad_manifest_and_audio(corpus, tmp_path):
+def test_bad_manifest_and_audio_are_refused_up_front(corpus, tmp_path):
+    """read_manifest runs fairseq_mamba.data_checks on every file before any model work."""
     root, utts = corpus
     bad = tmp_path / "bad.tsv"
-    bad.write_text(f"{root}\nwav/train0.wav\t100\nwav/train1.wav\n")
-    with pytest.raises(ValueError, match=rf"{bad} line 3: expected 'path<TAB>num_samples'"):
+    bad.write_text(f"{root}\nwav/train0.wav\t{utts[0].n_samples}\nwav/train1.wav\n")
+    with pytest.raises(ValueError, match=rf"{bad} line 3: 'wav/train1.wav' is not"):
         lf.read_manifest(str(bad))
-    wrong = lf.Utterance(utts[0].path, utts[0].n_samples + 1, 2)
-    with pytest.raises(ValueError, match=r"train0.wav: read .* the manifest \(line 2\) says"):
-        lf.read_audio(wrong, normalize=False)
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text(f"{root}\nwav/train0.wav\t{utts[0].n_samples}\nwav/train1.wav\t{utts[1].n_samples + 7}\n")
+    with pytest.raises(ValueError, match=rf"(?s){wrong} line 3: .*train1.wav has {utts[1].n_samples} samples but the "
+                                         rf"manifest says {utts[1].n_samples + 7}.*Fix: rebuild the manifest"):
+        lf.read_manifest(str(wrong))

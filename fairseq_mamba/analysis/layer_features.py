@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fairseq_mamba import data_checks
+
 TOLERANCE = 2  # frames a stream may be short (or long) of the audio's length before it is an error
 HOP = 160  # samples per 100 Hz frame
 MFCC_WIN = 400  # Kaldi MFCC window (25 ms), upstream's dump_mfcc_feature.py defaults
@@ -48,33 +50,29 @@ PHONE_WIN = 160  # the bundled corpus's phone labels: one per 10 ms frame
 
 @dataclass
 class Utterance:
-    """One manifest row: ``line`` is its 1-based line number in the manifest (the root is line 1)."""
+    """One manifest row: ``line`` is its 1-based line in the manifest (the root is line 1), ``row``
+    its 0-based index among the utterance lines (= its line in a label file)."""
 
     path: str
     n_samples: int
     line: int
+    row: int
 
     @property
     def name(self) -> str:
         return os.path.basename(self.path)
 
 
-def read_manifest(tsv: str) -> List[Utterance]:
-    """fairseq manifest: first line the audio root, then ``relative_path<TAB>num_samples``."""
-    with open(tsv) as f:
-        root = f.readline().strip()
-        rows = []
-        for line_no, line in enumerate(f, start=2):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) < 2 or not fields[1].strip().isdigit():
-                raise ValueError(f"{tsv} line {line_no}: expected 'path<TAB>num_samples', got {line.strip()!r}; "
-                                 "make the manifest with run_scripts/01_manifests.sh")
-            rows.append(Utterance(os.path.join(root, fields[0]), int(fields[1]), line_no))
-    if not rows:
-        raise ValueError(f"{tsv} lists no utterances")
-    return rows
+def read_manifest(tsv: str, sample_rate: int = 16000) -> List[Utterance]:
+    """A fairseq manifest's utterances, after :mod:`fairseq_mamba.data_checks` has checked every
+    audio file (exists, mono, ``sample_rate``, the listed sample count, decodes, finite): a bad
+    line is a DataError naming it and the fix, or is dropped under FAIRSEQ_MAMBA_BAD_LINES=skip."""
+    manifest = data_checks.read_manifest(tsv)
+    if not manifest.entries:
+        raise data_checks.DataError(f"{tsv} lists no utterances.\n  Fix: build it with run_scripts/01_manifests.sh")
+    bad = data_checks.settle(data_checks.check_audio(manifest, sample_rate), tsv)
+    return [Utterance(manifest.audio_path(e), e.samples, e.line, row) for row, e in enumerate(manifest.entries)
+            if e.line not in bad]
 
 
 @dataclass
@@ -149,16 +147,16 @@ def read_labels(path: str, utts: Sequence[Utterance], geometry: FrameGeometry, w
         raise ValueError(f"label file {path} does not exist")
     with open(path) as f:
         lines = [line.split() for line in f]
-    if len(lines) < len(utts):
-        raise ValueError(f"{path} has {len(lines)} lines for {len(utts)} manifest rows; "
+    if len(lines) <= utts[-1].row:
+        raise ValueError(f"{path} has {len(lines)} lines for {utts[-1].row + 1} manifest rows; "
                          "it must have one line of labels per utterance, in manifest order")
-    lines = lines[:len(utts)]
+    lines = [lines[u.row] for u in utts]
     total, secs = sum(len(t) for t in lines), sum(u.n_samples for u in utts) / 16000
     at_100 = abs(total / secs - 100) <= abs(total / secs - geometry.rate)
     ids: Dict[str, int] = {}
     out = []
-    for k, (tokens, utt) in enumerate(zip(lines, utts), start=1):
-        where = f"{path} line {k} ({utt.name}, manifest line {utt.line})"
+    for tokens, utt in zip(lines, utts):
+        where = f"{path} line {utt.row + 1} ({utt.name}, manifest line {utt.line})"
         labels = np.array([ids.setdefault(t, len(ids)) for t in tokens], dtype=np.int64)
         if at_100:
             out.append(align(labels, geometry, utt.n_samples, win, where))
@@ -211,18 +209,13 @@ def kmeans_units(km_path: str, mfcc: Sequence[np.ndarray]) -> List[np.ndarray]:
 
 
 def read_audio(utt: Utterance, normalize: bool) -> Tensor:
-    """(S,) float waveform as fairseq's HuBERT feature reader reads it (layer-normed if the task says so)."""
+    """(S,) float waveform as fairseq's HuBERT dataset reads it (layer-normed if the task says so).
+    The file was checked by :func:`read_manifest`."""
     from fairseq.data.audio.audio_utils import get_features_or_waveform
     from fairseq_mamba.upstream import patch_torchaudio
 
     patch_torchaudio()  # fairseq's reader imports torchaudio.sox_effects
-    if not os.path.isfile(utt.path):
-        raise ValueError(f"{utt.path} (manifest line {utt.line}) does not exist; check the manifest's root line")
     wav = torch.from_numpy(get_features_or_waveform(utt.path, need_waveform=True, use_sample_rate=16000)).float()
-    if wav.dim() != 1 or len(wav) != utt.n_samples:
-        raise ValueError(f"{utt.path}: read {tuple(wav.shape)} samples, the manifest (line {utt.line}) says "
-                         f"{utt.n_samples}; audio must be 16 kHz mono and the manifest made from it "
-                         "(run_scripts/01_manifests.sh)")
     return F.layer_norm(wav, wav.shape) if normalize else wav
 
 
