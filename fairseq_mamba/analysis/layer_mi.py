@@ -40,7 +40,7 @@ from torch import Tensor
 from .layer_features import (PHONE_WIN, UNIT_WIN, FrameGeometry, Utterance, extract_layers, kmeans_units,
                              load_checkpoint, read_audio, read_labels, read_manifest, read_mfcc)
 from .mi_plots import plot_layer_mi
-from .mutual_information import MIEstimate, _entropy_mm, estimate_mi
+from .mutual_information import MIEstimate, entropy_miller_madow, estimate_mi
 
 TARGETS = ("layer0", "mfcc", "units", "phones")
 # target -> (method, options), chosen by `python -m fairseq_mamba.analysis.validate_estimators`
@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if name in [m[0] for m in models]:
             raise ValueError(f"two checkpoints are named {name!r}; name them: NAME=PATH")
         models.append((name, path, model, model_name, normalize))
-    n_targets = 1 + sum(source is not None for source in (args.kmeans or args.units, args.phones))
+    n_targets = 2 + sum(source is not None for source in (args.kmeans or args.units, args.phones))  # + layer0, mfcc
     clock = Progress(sum(len(m[2].encoder.layers) + 1 for m in models) * n_targets)
     rows: List[Dict] = []
     cache: Dict[Tuple, Tuple] = {}
@@ -244,7 +244,7 @@ def describe_targets(result: Dict, streams: Dict[str, Tensor], args) -> None:
         if target in streams:
             counts = np.bincount(streams[target].numpy())
             result["targets"][target] = {"source": os.path.abspath(source), "classes": int((counts > 0).sum()),
-                                         "entropy_nats": round(_entropy_mm(counts), 4)}
+                                         "entropy_nats": round(entropy_miller_madow(counts), 4)}
 
 
 def write_outputs(out: str, result: Dict, rows: List[Dict]) -> None:

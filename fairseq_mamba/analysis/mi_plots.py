@@ -16,8 +16,9 @@ def plot_layer_mi(result: Dict, path: str) -> None:
 
     Panels: the targets present; x: layer index (0 = encoder input); y: MI in nats, mean over
     repeats with their std as error bars; dotted line: the estimator's ceiling (InfoNCE's
-    log N_heldout, drawn when a curve comes within half of it); dashed: the labels' entropy H(y),
-    the most any layer can share with them."""
+    log N_heldout); dashed: the labels' entropy H(y), the most any layer can share with them
+    (also in the title). Each line is drawn only when a curve comes within half of it, so that
+    it does not flatten the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,9 +39,9 @@ def plot_layer_mi(result: Dict, path: str) -> None:
         if spec.get("ceiling") is not None and top > 0.5 * spec["ceiling"]:  # else it only squashes the curves
             ax.axhline(spec["ceiling"], color="grey", ls=":", lw=1, label=f"ceiling log N = {spec['ceiling']:.2f}")
         entropy = result["targets"].get(target, {}).get("entropy_nats")
-        if entropy is not None:
+        if entropy is not None and top > 0.5 * entropy:
             ax.axhline(entropy, color="black", ls="--", lw=1, label=f"H(labels) = {entropy:.2f}")
-        ax.set_title(TITLES[target], fontsize=10)
+        ax.set_title(TITLES[target] + ("" if entropy is None else f",  H(labels) = {entropy:.2f}"), fontsize=10)
         ax.set_xlabel(f"layer (0 = encoder input)   [{spec['method']}, PCA {spec['options'].get('pca')}]",
                       fontsize=8)
         ax.set_ylabel("MI (nats)")

@@ -182,7 +182,7 @@ def _ksg(x: Tensor, y: Tensor, gen: torch.Generator, k: int = 3, n_samples: int 
     return float(value), 0, n, None
 
 
-def _entropy_mm(counts: np.ndarray) -> float:
+def entropy_miller_madow(counts: np.ndarray) -> float:
     """Plug-in entropy (nats) of a histogram with the Miller-Madow correction (m - 1) / (2N)."""
     counts = counts[counts > 0]
     n = counts.sum()
@@ -208,8 +208,8 @@ def _plugin(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.5, n
     codes, labels = km.predict(x_test), y[test].numpy()
     n_y = int(y.max()) + 1
     joint = np.bincount(codes * n_y + labels, minlength=n_codes * n_y).reshape(n_codes, n_y)
-    h_y = _entropy_mm(joint.sum(0))
-    value = _entropy_mm(joint.sum(1)) + h_y - _entropy_mm(joint.ravel())
+    h_y = entropy_miller_madow(joint.sum(0))
+    value = entropy_miller_madow(joint.sum(1)) + h_y - entropy_miller_madow(joint.ravel())
     return value, len(fit), len(test), h_y
 
 
