@@ -112,3 +112,17 @@ def test_errors_name_the_problem(setup, tmp_path, capsys):
     with pytest.raises(SystemExit, match=rf"layer_mi: error: {bad} line 5 \(train4.wav, manifest line 6\): "
                                          r"\d+ frames, but \d+ samples give \d+ frames.*regenerate"):
         layer_mi.cli([mamba, "--manifest", str(root / "train.tsv"), "--out", str(tmp_path), "--phones", str(bad)])
+
+
+def test_checkpoint_loads_when_its_label_dictionary_is_gone(setup, tmp_path):
+    """A moved run or a released HuBERT: the dictionary fairseq's task wants is not there."""
+    root, _ = setup
+    moved = tmp_path / "labels"
+    moved.mkdir()
+    (moved / "dict.km.txt").write_text((root / "dict.km.txt").read_text())
+    ckpt = write_checkpoint(tmp_path / "moved.pt", "hubert", moved)
+    (moved / "dict.km.txt").unlink()
+    model, name, normalize = lf.load_checkpoint(ckpt)
+    reference = torch.load(ckpt, weights_only=False)["model"]
+    assert name == "hubert" and normalize
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())

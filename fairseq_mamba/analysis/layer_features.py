@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -220,14 +221,38 @@ def read_audio(utt: Utterance, normalize: bool) -> Tensor:
 
 
 def load_checkpoint(path: str):
-    """(model in eval mode, model name, task normalize flag) via fairseq's checkpoint loading."""
+    """(model in eval mode, model name, task normalize flag) via fairseq's checkpoint loading.
+
+    fairseq's hubert_pretraining task reads ``dict.<label>.txt`` from the label_dir saved in the
+    checkpoint, which rarely exists where the checkpoint is analysed (a released HuBERT, a moved
+    run). The labels play no part here, so when a dictionary is missing the task reads
+    placeholder ones, as many symbols as the checkpoint's label embeddings have rows."""
     import fairseq_mamba  # noqa: F401  (registers mamba_hubert; weights_only allow-list)
     from fairseq import checkpoint_utils
+    from omegaconf import open_dict
 
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist")
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path])
-    return models[0].eval(), cfg.model._name, bool(getattr(task.cfg, "normalize", False))
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    task_cfg = state["cfg"].task
+    with tempfile.TemporaryDirectory() as placeholder:
+        label_dir = task_cfg.get("label_dir") or task_cfg.get("data")
+        labels = list(task_cfg.get("labels") or [])
+        if labels and not all(os.path.isfile(f"{label_dir}/dict.{label}.txt") for label in labels):
+            rows = state["model"].get("label_embs_concat")
+            if rows is None or len(labels) != 1:
+                raise ValueError(f"checkpoint {path}: its task needs dict.{'/'.join(labels)}.txt in {label_dir}, "
+                                 "which is missing; copy the dictionaries there")
+            with open(os.path.join(placeholder, f"dict.{labels[0]}.txt"), "w") as f:
+                f.writelines(f"placeholder{i} 1\n" for i in range(rows.shape[0] - 4))  # + 4 specials
+            with open_dict(task_cfg):
+                task_cfg.label_dir = placeholder
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
+    model = models[0].eval()
+    if not all(hasattr(model, a) for a in ("feature_extractor", "encoder", "extract_features")):
+        raise ValueError(f"checkpoint {path} holds a {cfg.model._name} model; give a pre-trained hubert or "
+                         "mamba_hubert checkpoint (fine-tuned models are not supported)")
+    return model, cfg.model._name, bool(getattr(task.cfg, "normalize", False))
 
 
 def batch_consistent(model: nn.Module) -> bool:
