@@ -1,0 +1,269 @@
+"""Layer-wise mutual information of HuBERT-family checkpoints (issue #5), the paper's analysis.
+
+    python -m fairseq_mamba.analysis.layer_mi --manifest DATA/test.tsv --out DIR \\
+        [--kmeans KM.bin | --units LABELS.km] [--phones LABELS.phn] [NAME=]CHECKPOINT ...
+
+For each checkpoint (mamba_hubert or stock hubert, loaded with fairseq's
+``load_model_ensemble_and_task``) every layer k = 0..L (0 = the encoder input, see
+:mod:`.layer_features`) is paired, frame by frame over the valid frames of every manifest
+utterance, with four targets:
+
+* ``layer0``: layer 0 itself (the paper's "reconstruction" view);
+* ``mfcc``: the 39-d MFCC input (fairseq's MfccFeatureReader), the frame with the same window;
+* ``units``: k-means units, either applied here to that MFCC frame (``--kmeans``, the
+  iteration-1 MFCC k-means of run_scripts/03, common to every model) or read from a label file
+  (``--units``, one line per manifest row, 100 Hz or the model's rate);
+* ``phones``: frame phone labels (``--phones``, e.g. examples/corpus/data/test.phn, 100 Hz).
+
+Estimators per target are fixed in ``ESTIMATORS`` (chosen by the validation in
+:mod:`.validate_estimators`). Every layer of a model uses the same seed, hence the same
+utterance-level splits, with fresh critics: differences between layers are paired comparisons.
+Writes DIR/layer_mi.csv (one row per model, layer and target), DIR/layer_mi.json (per model,
+one list per target with one value per layer, index = layer, plus "std") and DIR/layer_mi.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .layer_features import (PHONE_WIN, UNIT_WIN, FrameGeometry, Utterance, extract_layers, kmeans_units,
+                             load_checkpoint, read_audio, read_labels, read_manifest, read_mfcc)
+from .mi_plots import plot_layer_mi
+from .mutual_information import MIEstimate, entropy_miller_madow, estimate_mi
+
+TARGETS = ("layer0", "mfcc", "units", "phones")
+# target -> (method, options), chosen by `python -m fairseq_mamba.analysis.validate_estimators`
+# (numbers in the README): InfoNCE on the top 32 principal components for every target. Against
+# layer 0 the MI exceeds what any lower bound can show from N frames (<= log N): half the frames
+# are held out there, for the highest ceiling, and training stops at 600 steps (it creeps on).
+_INFONCE = dict(pca=32, hidden=64, embed=64, batch_size=256, lr=3e-3, max_steps=1000, eval_every=25)
+ESTIMATORS: Dict[str, Tuple[str, Dict]] = {
+    "layer0": ("infonce", dict(_INFONCE, held_out=0.5, max_steps=600)),
+    **{target: ("infonce", _INFONCE) for target in TARGETS[1:]},
+}
+CSV_FIELDS = ("model", "checkpoint", "layer", "target", "method", "pca", "mi_nats", "std_nats", "repeats",
+              "frames", "n_fit", "n_heldout", "ceiling_nats", "seconds")
+
+
+def log(message: str) -> None:
+    print(f"[layer_mi {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_checkpoint(spec: str) -> Tuple[Optional[str], str]:
+    """'NAME=PATH' -> (NAME, PATH); 'PATH' -> (None, PATH): named after its model later."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and name and not os.path.exists(spec) else (None, spec)
+
+
+def frame_subset(utts: Sequence[Utterance], geometry: FrameGeometry, max_frames: Optional[int],
+                 seed: int) -> List[np.ndarray]:
+    """Per utterance, the sorted indices of its frames to use: all, or a seeded uniform subset of
+    ``max_frames`` frames over the whole manifest."""
+    counts = [geometry.n_frames(u.n_samples) for u in utts]
+    if max_frames is None or sum(counts) <= max_frames:
+        return [np.arange(n) for n in counts]
+    chosen = np.sort(np.random.default_rng(seed).choice(sum(counts), max_frames, replace=False))
+    starts = np.cumsum([0] + counts)
+    return [chosen[(chosen >= a) & (chosen < b)] - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def read_streams(args, utts: Sequence[Utterance], geometry: FrameGeometry,
+                 keep: Sequence[np.ndarray]) -> Dict[str, Tensor]:
+    """Targets other than layer0, at the model's frames, flattened in utterance order: "mfcc"
+    (N, 39) float, "units" / "phones" (N,) long where given, and "groups" (N,) utterance index."""
+    mfcc = read_mfcc(utts, geometry)
+    streams = {"mfcc": mfcc}
+    if args.kmeans:
+        streams["units"] = kmeans_units(args.kmeans, mfcc)
+    elif args.units:
+        streams["units"] = read_labels(args.units, utts, geometry, UNIT_WIN)
+    if args.phones:
+        streams["phones"] = read_labels(args.phones, utts, geometry, PHONE_WIN)
+    flat = {k: torch.from_numpy(np.concatenate([s[i] for s, i in zip(v, keep)])) for k, v in streams.items()}
+    flat["mfcc"] = flat["mfcc"].float()
+    flat["groups"] = torch.from_numpy(np.concatenate([np.full(len(i), u) for u, i in enumerate(keep)]))
+    return flat
+
+
+def timed_estimate(x: Tensor, y: Tensor, method: str, seed: int, repeats: int, groups: Tensor,
+                   options: Dict) -> Tuple[MIEstimate, float]:
+    """One :func:`estimate_mi` on one intra-op thread (the critics are tiny: more threads only
+    add overhead), and its wall time in seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        return estimate_mi(x, y, method=method, seed=seed, repeats=repeats, groups=groups, **options), time.time() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_all(tasks: List[Tuple], pool: Optional[Executor]) -> Iterator[Tuple[MIEstimate, float]]:
+    """timed_estimate(*task) for every task, yielded in task order (in ``pool``'s workers if given)."""
+    if pool is None:
+        yield from (timed_estimate(*task) for task in tasks)
+    else:
+        yield from (future.result() for future in [pool.submit(timed_estimate, *task) for task in tasks])
+
+
+def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utterance], streams: Dict[str, Tensor],
+            keep: Sequence[np.ndarray], args, clock: "Progress", pool: Optional[Executor]) -> Tuple[Dict, List[Dict]]:
+    """All layers x targets of one model -> (its JSON entry, its CSV rows)."""
+    t0 = time.time()
+    waves = [read_audio(u, normalize) for u in utts]
+    layers = extract_layers(model, waves, keep, args.batch_seconds)
+    log(f"{name}: {len(layers) - 1} layers, {layers[0].shape[0]} frames x {layers[0].shape[1]} dims "
+        f"extracted in {time.time() - t0:.1f}s")
+    targets = {"layer0": layers[0], **{t: streams[t] for t in TARGETS[1:] if t in streams}}
+    entry: Dict = {"checkpoint": os.path.abspath(path), "layers": len(layers) - 1, "frames": int(layers[0].shape[0]),
+                   "std": {}}
+    points = [(k, target) for k in range(len(layers)) for target in targets]
+    tasks = [(layers[k], targets[target], *ESTIMATORS[target][:1], args.seed, args.repeats, streams["groups"],
+              ESTIMATORS[target][1]) for k, target in points]
+    rows, parts = [], []
+    for (k, target), (est, seconds) in zip(points, run_all(tasks, pool)):
+        method, options = ESTIMATORS[target]
+        entry.setdefault(target, []).append(round(est.value, 4))
+        entry["std"].setdefault(target, []).append(round(est.std, 4))
+        rows.append(dict(model=name, checkpoint=entry["checkpoint"], layer=k, target=target, method=method,
+                         pca=options.get("pca"), mi_nats=f"{est.value:.4f}", std_nats=f"{est.std:.4f}",
+                         repeats=args.repeats, frames=entry["frames"], n_fit=est.n_fit, n_heldout=est.n_heldout,
+                         ceiling_nats="" if est.upper_bound is None else f"{est.upper_bound:.4f}",
+                         seconds=f"{seconds:.1f}"))
+        parts.append(f"{target} {est.value:.3f}±{est.std:.3f}")
+        clock.tick()
+        if len(parts) == len(targets):
+            log(f"{name} layer {k:2d}/{len(layers) - 1}: " + "  ".join(parts) + f"   [{clock}]")
+            parts = []
+    return entry, rows
+
+
+class Progress:
+    """Counts finished estimates; str() gives elapsed time and the ETA from the mean rate."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def __str__(self) -> str:
+        elapsed = time.time() - self.start
+        eta = elapsed / max(1, self.done) * (self.total - self.done)
+        return f"{self.done}/{self.total} estimates, {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None):
+    p = argparse.ArgumentParser(prog="python -m fairseq_mamba.analysis.layer_mi", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT",
+                   help="fairseq checkpoints (mamba_hubert or hubert); NAME defaults to the model name")
+    p.add_argument("--manifest", required=True, help="fairseq manifest (.tsv: root line, then path<TAB>samples)")
+    p.add_argument("--out", required=True, help="output directory for layer_mi.{csv,json,png}")
+    units = p.add_mutually_exclusive_group()
+    units.add_argument("--kmeans", help="MFCC k-means model (run_scripts/03_kmeans.sh on MFCC): units = its "
+                                        "cluster of each frame's MFCC")
+    units.add_argument("--units", help="unit labels, one line per manifest row (e.g. run_scripts/04 {split}.km)")
+    p.add_argument("--phones", help="phone labels at 100 Hz, one line per manifest row (examples/corpus/data/*.phn)")
+    p.add_argument("--repeats", type=int, default=2, help="estimates per point (new split and critic each); "
+                                                          "their std is the spread (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-frames", type=int, default=20000, help="uniform frame subset over the manifest")
+    p.add_argument("--batch-seconds", type=float, default=16.0, help="padded audio per forward (0: one utterance)")
+    p.add_argument("--jobs", type=int, default=1, help="estimator processes (one thread each; default 1)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    utts = read_manifest(args.manifest)
+    specs = [parse_checkpoint(c) for c in args.checkpoints]
+    for _, path in specs:  # fail before any work
+        if not os.path.isfile(path):
+            raise ValueError(f"checkpoint {path} does not exist")
+    result: Dict = {"manifest": os.path.abspath(args.manifest), "utterances": len(utts), "seed": args.seed,
+                    "repeats": args.repeats, "models": {}, "targets": {},
+                    "estimators": {t: {"method": m, "options": o} for t, (m, o) in ESTIMATORS.items()}}
+    models = []
+    for name, path in specs:  # all loaded first: names and sizes are checked before any work
+        model, model_name, normalize = load_checkpoint(path)
+        name = name or model_name
+        if name in [m[0] for m in models]:
+            raise ValueError(f"two checkpoints are named {name!r}; name them: NAME=PATH")
+        models.append((name, path, model, model_name, normalize))
+    n_targets = 2 + sum(source is not None for source in (args.kmeans or args.units, args.phones))  # + layer0, mfcc
+    clock = Progress(sum(len(m[2].encoder.layers) + 1 for m in models) * n_targets)
+    rows: List[Dict] = []
+    cache: Dict[Tuple, Tuple] = {}
+    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) if args.jobs > 1 else None
+    try:
+        while models:
+            name, path, model, model_name, normalize = models.pop(0)
+            geometry = FrameGeometry.of(model)
+            if geometry.convs not in cache:  # streams depend only on the conv stack's frame geometry
+                keep = frame_subset(utts, geometry, args.max_frames, args.seed)
+                cache[geometry.convs] = (keep, read_streams(args, utts, geometry, keep))
+                describe_targets(result, cache[geometry.convs][1], args)
+            keep, streams = cache[geometry.convs]
+            log(f"{name} ({model_name}): {len(utts)} utterances, {len(streams['groups'])} frames, "
+                f"{(len(model.encoder.layers) + 1) * n_targets} estimates x {args.repeats} repeats")
+            entry, model_rows = analyse(name, path, model, normalize, utts, streams, keep, args, clock, pool)
+            entry["model"] = model_name
+            result["models"][name], rows = entry, rows + model_rows
+            del model
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    for target, spec in result["estimators"].items():  # InfoNCE's ceiling log N_heldout, for the plot
+        spec["ceiling"] = next((float(r["ceiling_nats"]) for r in rows if r["target"] == target
+                                and r["ceiling_nats"] and spec["method"] == "infonce"), None)
+    result["frames"] = max(m["frames"] for m in result["models"].values())
+    result["wall_seconds"] = round(time.time() - start, 1)
+    write_outputs(args.out, result, rows)
+    log(f"done in {result['wall_seconds']}s: {args.out}/layer_mi.csv, layer_mi.json, layer_mi.png")
+    return result
+
+
+def describe_targets(result: Dict, streams: Dict[str, Tensor], args) -> None:
+    """result["targets"]: source file and size of each target; label entropy H(y) (plug-in,
+    Miller-Madow, all frames), the ceiling of any estimate of I(layer; labels)."""
+    result["targets"]["mfcc"] = {"source": "fairseq MfccFeatureReader (39-d)", "dim": int(streams["mfcc"].shape[1])}
+    for target, source in (("units", args.kmeans or args.units), ("phones", args.phones)):
+        if target in streams:
+            counts = np.bincount(streams[target].numpy())
+            result["targets"][target] = {"source": os.path.abspath(source), "classes": int((counts > 0).sum()),
+                                         "entropy_nats": round(entropy_miller_madow(counts), 4)}
+
+
+def write_outputs(out: str, result: Dict, rows: List[Dict]) -> None:
+    with open(os.path.join(out, "layer_mi.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, "layer_mi.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot_layer_mi(result, os.path.join(out, "layer_mi.png"))
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> Dict:
+    """main(), with bad input (ValueError) reported as one line and exit status 1."""
+    try:
+        return main(argv)
+    except ValueError as err:
+        sys.exit(f"layer_mi: error: {err}")
+
+
+if __name__ == "__main__":
+    cli()
