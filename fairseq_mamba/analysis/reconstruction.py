@@ -23,10 +23,11 @@ units and phones targets. It is
 What it gets wrong: it sees layer 0 only at the resolution of ``n_codes`` cells of its top
 ``pca`` components, so detail finer than a cell or outside those components counts for nothing,
 and a layer that keeps all of c0 reads the same however much finer detail it keeps or loses.
-The estimate is a lower bound that under-reads: ~10% low at k = 0 and 15-22% low for an
-invertible but nonlinear transform of layer 0 (``python -m fairseq_mamba.analysis.validate_estimators``,
-"coded" cases), so a layer whose value lies within ~10% of the k = 0 point may still keep
-everything; differences larger than that, and between models at the same layer, are the signal.
+The estimate is a lower bound that under-reads (``python -m fairseq_mamba.analysis.validate_estimators
+--kinds coded``): 9-15% low at k = 0 (16-17% on the tiny 12-layer models' layer 0) and ~20% low
+for an invertible nonlinear map of layer 0, i.e. 5-12% below the k = 0 point although nothing
+was lost; so a layer within ~12% of the k = 0 point may still keep all of c0. Larger drops
+(keeping 8 of 32 directions reads 17% of H(c0)) are the signal.
 
 Rejected alternatives (same validation): the plug-in I(code of layer k; c0) over a second k-means
 codebook reads 0.3-0.8 nats where the truth is 1.4-4.2, even for layer 0 against itself
