@@ -255,9 +255,11 @@ def mi_profile(layers: Sequence[Tensor], reference: Union[int, Tensor], method: 
     """One estimate of I(layers[k]; reference) per layer.
 
     layers: sequence of (N, d_k) float tensors (frames aligned across layers); reference: an
-    int index into ``layers`` (the paper uses layer 0, the CNN features), an (N, d) float
-    tensor, or (N,) long targets. Every layer uses the same ``seed`` - hence the same splits -
-    with a fresh critic, so differences between layers are paired comparisons.
+    int index into ``layers``, an (N, d) float tensor, or (N,) long targets. Every layer uses the
+    same ``seed`` - hence the same splits - with a fresh critic, so differences between layers
+    are paired comparisons. Against another layer of the same network itself (the paper's
+    MI with layer 0) the true MI is near-infinite and every estimate sits at its method's ceiling;
+    the layer-wise analysis uses layer 0's k-means code instead (:mod:`.reconstruction`).
     """
     if isinstance(reference, int):
         if not -len(layers) <= reference < len(layers):
