@@ -61,7 +61,8 @@ def args(root, out, *checkpoints, extra=()):
 
 def test_command_writes_csv_json_and_plot(setup, fast, tmp_path):
     root, (mamba, hubert) = setup
-    result = layer_mi.main(args(root, tmp_path, f"mamba={mamba}", hubert, extra=["--repeats", "2", "--layer0-codes", "8"]))
+    result = layer_mi.main(args(root, tmp_path, f"mamba={mamba}", hubert,
+                                extra=["--repeats", "2", "--layer0-codes", "8"]))
     frames = sum(lf.FrameGeometry(((400, 320),)).n_frames(u.n_samples) for u in lf.read_manifest(str(root / "train.tsv")))
     saved = json.loads((tmp_path / "layer_mi.json").read_text())
     assert saved == json.loads(json.dumps(result))

@@ -156,7 +156,7 @@ def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utteran
     null, _ = next(results)
     entry["layer0_null"] = round(null.value, 4)
     clock.tick()
-    log(f"{name}: layer 0 against permuted codes (the null, should be ~0): {null.value:.3f}±{null.std:.3f}   [{clock}]")
+    log(f"{name}: layer 0 against permuted codes (the null, ~0): {null.value:.3f}±{null.std:.3f}   [{clock}]")
     return entry, rows
 
 
@@ -252,9 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 def describe_targets(result: Dict, streams: Dict[str, Tensor], args) -> None:
     """result["targets"]: source and size of each target; label entropy H(y) (plug-in,
     Miller-Madow, all frames), the ceiling of any estimate of I(layer; labels)."""
-    result["targets"]["layer0"] = {"source": "each model's layer-0 k-means code (fairseq_mamba.analysis.reconstruction; "
-                                             "its entropy: models[NAME].layer0_entropy)", "classes": args.layer0_codes,
-                                   "pca": PCA}
+    result["targets"]["layer0"] = {"source": "each model's layer-0 k-means code (fairseq_mamba.analysis."
+                                             "reconstruction; its entropy: models[NAME].layer0_entropy)",
+                                   "classes": args.layer0_codes, "pca": PCA}
     result["targets"]["mfcc"] = {"source": "fairseq MfccFeatureReader (39-d)", "dim": int(streams["mfcc"].shape[1])}
     for target, source in (("units", args.kmeans or args.units), ("phones", args.phones)):
         if target in streams:
