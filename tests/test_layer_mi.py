@@ -61,7 +61,8 @@ def args(root, out, *checkpoints, extra=()):
 
 def test_command_writes_csv_json_and_plot(setup, fast, tmp_path):
     root, (mamba, hubert) = setup
-    result = layer_mi.main(args(root, tmp_path, f"mamba={mamba}", hubert, extra=["--repeats", "2"]))
+    result = layer_mi.main(args(root, tmp_path, f"mamba={mamba}", hubert,
+                                extra=["--repeats", "2", "--layer0-codes", "8"]))
     frames = sum(lf.FrameGeometry(((400, 320),)).n_frames(u.n_samples) for u in lf.read_manifest(str(root / "train.tsv")))
     saved = json.loads((tmp_path / "layer_mi.json").read_text())
     assert saved == json.loads(json.dumps(result))
@@ -78,6 +79,15 @@ def test_command_writes_csv_json_and_plot(setup, fast, tmp_path):
             assert [float(r["mi_nats"]) for r in mine] == pytest.approx(entry[target], abs=1e-4)
             assert {r["method"] for r in mine} == {"infonce"} and {r["pca"] for r in mine} == {"8"}
         assert all(float(r["mi_nats"]) <= float(r["ceiling_nats"]) for r in rows)  # InfoNCE <= log N_heldout
+        # layer0's target: the model's own 8-cell layer-0 codebook, its entropy and the permuted-code null
+        assert entry["layer0_codes"] == 8 and 1.0 < entry["layer0_entropy"] <= np.log(8) + 1e-4
+        assert {r["entropy_nats"] for r in rows if r["model"] == name and r["target"] == "layer0"} == {
+            f"{entry['layer0_entropy']:.4f}"}
+        assert max(entry["layer0"]) <= entry["layer0_entropy"] + 0.05 and abs(entry["layer0_null"]) < 0.1
+    for target in ("units", "phones"):
+        assert {r["entropy_nats"] for r in rows if r["target"] == target} == {
+            f"{saved['targets'][target]['entropy_nats']:.4f}"}
+    assert {r["entropy_nats"] for r in rows if r["target"] == "mfcc"} == {""}
     units, phones = saved["targets"]["units"], saved["targets"]["phones"]
     assert units["classes"] <= 4 and 0 < units["entropy_nats"] <= np.log(4) + 0.01
     assert phones["classes"] == len({t for line in open(root / "train.km") for t in line.split()})

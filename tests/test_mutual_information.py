@@ -15,6 +15,7 @@ from fairseq_mamba.analysis import ground_truth
 from fairseq_mamba.analysis.ground_truth import noisy_clusters
 from fairseq_mamba.analysis import layer_mi
 from fairseq_mamba.analysis.mutual_information import MIEstimate, _split, estimate_mi, flatten_frames, mi_profile
+from fairseq_mamba.analysis.reconstruction import layer0_codes, permuted
 
 N_GAUSS = 20000
 
@@ -136,6 +137,64 @@ def test_grouped_split_holds_out_whole_groups():
     assert torch.equal(again[1], test)
     with pytest.raises(ValueError, match=r"groups must be \(N,\) integer ids"):
         estimate_mi(torch.randn(100, 3), torch.randn(100, 3), groups=torch.zeros(99, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the layer0 target: layer 0's code
+@pytest.mark.parametrize("noise", [0.3, 1.0])
+def test_sign_bit_information_matches_a_histogram_of_draws(noise):
+    """The quantised_channel truth per coded coordinate, against the plug-in MI of 2e6 draws of
+    (h + noise e, sign h) in 400 bins of y (binning and sampling error ~1e-3 nats)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2_000_000, generator=g, dtype=torch.float64)
+    y = h + noise * torch.randn(len(h), generator=g, dtype=torch.float64)
+    bins = ((y + 6) / 12 * 400).long().clamp(0, 399)
+    joint = torch.bincount(bins * 2 + (h > 0).long(), minlength=800).view(400, 2).double() / len(h)
+    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    empirical = float((joint * (joint / outer).log()).nan_to_num().sum())
+    assert ground_truth.sign_bit_information(noise) == pytest.approx(empirical, abs=3e-3)
+    _, _, code, true = ground_truth.quantised_channel(20000, bits=6, lost=2, noise=noise)
+    assert true == pytest.approx(4 * empirical, abs=0.012)
+    assert torch.bincount(code).tolist() == pytest.approx([20000 / 64] * 64, rel=0.25)  # 64 equiprobable codes
+
+
+@pytest.mark.parametrize("case,kw,low", [
+    ("invertible map of layer 0", {}, 0.75),  # 20% low seen: all of H = 4.16 nats kept
+    ("4 of the 6 coded coordinates discarded", dict(lost=4), 0.72),  # 22% low seen, true 1.39
+    ("noise 1 on every coordinate", dict(noise=1.0), 0.8),  # 13% low seen, true 1.16
+])
+def test_layer0_estimator_recovers_coded_information(case, kw, low):
+    """layer_mi.ESTIMATORS["layer0"] at the analysis's N on quantised_channel, whose
+    I(layer k; code of layer 0) is exact: within the stated under-reading, never above."""
+    _, layer, code, true = ground_truth.quantised_channel(N_ANALYSIS, **kw)
+    method, options = layer_mi.ESTIMATORS["layer0"]
+    est = estimate_mi(layer, code, method=method, **options)
+    assert low * true <= est.value <= true + 0.02, (case, true, est)
+
+
+def test_layer0_curve_separates_keeping_from_discarding():
+    """The analysis's own target (layer0_codes: 64 k-means cells of layer 0) on a 32-d layer 0:
+    the k = 0 point is near H(c0) and far below InfoNCE's log N ceiling; an invertible map keeps
+    nearly as much; a layer that kept 8 of 32 directions reads a small fraction; the permuted
+    codes (the null) read ~0."""
+    h0, warped, _, _ = ground_truth.quantised_channel(N_ANALYSIS)
+    codes, entropy = layer0_codes(h0)
+    assert math.log(64) - 0.05 < entropy <= math.log(64)
+    g = torch.Generator().manual_seed(1)
+    kept8 = torch.cat([h0[:, :8], torch.randn(N_ANALYSIS, 24, generator=g)], 1)
+    method, options = layer_mi.ESTIMATORS["layer0"]
+    est = {name: estimate_mi(x, c, method=method, **options)
+           for name, x, c in (("layer 0", h0, codes), ("invertible", warped, codes), ("kept 8 of 32", kept8, codes),
+                              ("null", h0, permuted(codes)))}
+    assert 0.8 * entropy <= est["layer 0"].value <= entropy  # 15% low seen
+    assert est["layer 0"].value < 0.5 * est["layer 0"].upper_bound  # log N_heldout = 7.9
+    assert est["invertible"].value >= 0.75 * entropy  # 19% low seen
+    assert est["kept 8 of 32"].value <= 0.3 * entropy  # 0.17 H seen
+    assert abs(est["null"].value) < 0.02
+
+
+def test_layer0_codes_refuses_too_many_cells():
+    with pytest.raises(ValueError, match=r"n_codes=64 must be in \[2, N/10 = 30\] for 300 frames.*--layer0-codes"):
+        layer0_codes(torch.randn(300, 8))
 
 
 # ---------------------------------------------------------------- independence, determinism

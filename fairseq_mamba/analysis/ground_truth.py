@@ -78,3 +78,44 @@ def noisy_clusters(k: int, n: int, flip: float = 0.0, d: int = 16, seed: int = 0
     y = torch.where(torch.rand(n, generator=g) < flip, other, c)
     h_noise = 0.0 if flip == 0 else -(flip * math.log(flip) + (1 - flip) * math.log(1 - flip))
     return x, y, math.log(k) - h_noise - flip * math.log(k - 1)
+
+
+def sign_bit_information(noise: float) -> float:
+    """I(h + noise e; sign h) in nats for h, e ~ N(0, 1) independent.
+
+    The posterior P(h > 0 | y) is Phi(u / noise) with u = y / sqrt(1 + noise^2) ~ N(0, 1), so
+    I = log 2 - E_u[H_b(Phi(u / noise))], integrated here on a fine grid (error < 1e-6)."""
+    if noise == 0:
+        return math.log(2)
+    u = torch.linspace(-9, 9, 200_001, dtype=torch.float64)
+    p = torch.special.ndtr(u / noise).clamp(1e-300, 1 - 1e-16)
+    h_b = -(p * p.log() + (1 - p) * torch.log1p(-p))
+    weight = torch.exp(-0.5 * u ** 2) / math.sqrt(2 * math.pi)
+    return math.log(2) - float((weight * h_b).sum() * (u[1] - u[0]))
+
+
+def quantised_channel(n: int, d: int = 32, bits: int = 6, lost: int = 0, noise: float = 0.0, warp: bool = True,
+                      seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, float]:
+    """A "layer 0", its discrete code and a "layer k" made from it, with I(layer k; code) known exactly.
+
+    h0: (n, d) ~ N(0, I); code: (n,) long, the sign pattern of h0's first ``bits`` coordinates
+    (2**bits equiprobable codes, H = bits log 2). Layer k: the first ``lost`` of those
+    coordinates replaced by fresh N(0, 1) draws (information discarded), every coordinate plus
+    ``noise`` * N(0, 1), then mixed by a random rotation and, with ``warp``, the invertible
+    nonlinearity t + 0.8 tanh(2t) and a second rotation. Rotations and the warp are invertible,
+    so I(layer k; code) = (bits - lost) * sign_bit_information(noise); with lost = 0 and
+    noise = 0 layer k is an invertible function of h0 and keeps all of H(code).
+    Returns h0, layer k (n, d), code and the true I(layer k; code) in nats."""
+    if not 0 <= lost <= bits <= d:
+        raise ValueError(f"need 0 <= lost <= bits <= d, got lost={lost} bits={bits} d={d}")
+    g = torch.Generator().manual_seed(seed)
+    h0 = torch.randn(n, d, generator=g)
+    code = ((h0[:, :bits] > 0).long() * (2 ** torch.arange(bits))).sum(1)
+    z = h0.clone()
+    z[:, :lost] = torch.randn(n, lost, generator=g)
+    z = z + noise * torch.randn(n, d, generator=g)
+    rotations = [torch.linalg.qr(torch.randn(d, d, generator=g))[0] for _ in range(2)]
+    layer = z @ rotations[0]
+    if warp:
+        layer = (layer + 0.8 * torch.tanh(2 * layer)) @ rotations[1]
+    return h0, layer, code, (bits - lost) * sign_bit_information(noise)

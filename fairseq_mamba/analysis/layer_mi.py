@@ -8,7 +8,9 @@ For each checkpoint (mamba_hubert or stock hubert, loaded with fairseq's
 :mod:`.layer_features`) is paired, frame by frame over the valid frames of every manifest
 utterance, with four targets:
 
-* ``layer0``: layer 0 itself (the paper's "reconstruction" view);
+* ``layer0``: layer 0's own k-means code c0 (``--layer0-codes`` cells of its top principal
+  components, fitted per model; :mod:`.reconstruction` says why not layer 0 itself), the paper's
+  "reconstruction" view: I(layer k; c0) <= H(c0), reached by any layer c0 can be read back from;
 * ``mfcc``: the 39-d MFCC input (fairseq's MfccFeatureReader), the frame with the same window;
 * ``units``: k-means units, either applied here to that MFCC frame (``--kmeans``, the
   iteration-1 MFCC k-means of run_scripts/03, common to every model) or read from a label file
@@ -19,7 +21,8 @@ Estimators per target are fixed in ``ESTIMATORS`` (chosen by the validation in
 :mod:`.validate_estimators`). Every layer of a model uses the same seed, hence the same
 utterance-level splits, with fresh critics: differences between layers are paired comparisons.
 Writes DIR/layer_mi.csv (one row per model, layer and target), DIR/layer_mi.json (per model,
-one list per target with one value per layer, index = layer, plus "std") and DIR/layer_mi.png.
+one list per target with one value per layer, index = layer, plus "std", "layer0_entropy" =
+H(c0) and "layer0_null" = the layer-0 estimate against permuted codes) and DIR/layer_mi.png.
 """
 from __future__ import annotations
 
@@ -41,19 +44,16 @@ from .layer_features import (PHONE_WIN, UNIT_WIN, FrameGeometry, Utterance, extr
                              load_checkpoint, read_audio, read_labels, read_manifest, read_mfcc)
 from .mi_plots import plot_layer_mi
 from .mutual_information import MIEstimate, entropy_miller_madow, estimate_mi
+from .reconstruction import N_CODES, PCA, layer0_codes, permuted
 
 TARGETS = ("layer0", "mfcc", "units", "phones")
 # target -> (method, options), chosen by `python -m fairseq_mamba.analysis.validate_estimators`
-# (numbers in the README): InfoNCE on the top 32 principal components for every target. Against
-# layer 0 the MI exceeds what any lower bound can show from N frames (<= log N): half the frames
-# are held out there, for the highest ceiling, and training stops at 600 steps (it creeps on).
-_INFONCE = dict(pca=32, hidden=64, embed=64, batch_size=256, lr=3e-3, max_steps=1000, eval_every=25)
-ESTIMATORS: Dict[str, Tuple[str, Dict]] = {
-    "layer0": ("infonce", dict(_INFONCE, held_out=0.5, max_steps=600)),
-    **{target: ("infonce", _INFONCE) for target in TARGETS[1:]},
-}
+# (numbers in the README): InfoNCE on the top 32 principal components for every target (layer0's
+# target is discrete too: layer 0's k-means code, see .reconstruction).
+_INFONCE = dict(pca=PCA, hidden=64, embed=64, batch_size=256, lr=3e-3, max_steps=1000, eval_every=25)
+ESTIMATORS: Dict[str, Tuple[str, Dict]] = {target: ("infonce", _INFONCE) for target in TARGETS}
 CSV_FIELDS = ("model", "checkpoint", "layer", "target", "method", "pca", "mi_nats", "std_nats", "repeats",
-              "frames", "n_fit", "n_heldout", "ceiling_nats", "seconds")
+              "frames", "n_fit", "n_heldout", "ceiling_nats", "entropy_nats", "seconds")
 
 
 def log(message: str) -> None:
@@ -125,14 +125,21 @@ def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utteran
     layers = extract_layers(model, waves, keep, args.batch_seconds)
     log(f"{name}: {len(layers) - 1} layers, {layers[0].shape[0]} frames x {layers[0].shape[1]} dims "
         f"extracted in {time.time() - t0:.1f}s")
-    targets = {"layer0": layers[0], **{t: streams[t] for t in TARGETS[1:] if t in streams}}
+    codes, h_codes = layer0_codes(layers[0], args.layer0_codes, PCA, args.seed)
+    log(f"{name}: layer-0 codebook, {args.layer0_codes} cells, H(c0) = {h_codes:.3f} nats")
+    targets = {"layer0": codes, **{t: streams[t] for t in TARGETS[1:] if t in streams}}
+    entropy = {"layer0": h_codes, **{t: entropy_miller_madow(np.bincount(targets[t].numpy()))
+                                     for t in ("units", "phones") if t in targets}}
     entry: Dict = {"checkpoint": os.path.abspath(path), "layers": len(layers) - 1, "frames": int(layers[0].shape[0]),
-                   "std": {}}
+                   "layer0_codes": args.layer0_codes, "layer0_entropy": round(h_codes, 4), "std": {}}
     points = [(k, target) for k in range(len(layers)) for target in targets]
     tasks = [(layers[k], targets[target], *ESTIMATORS[target][:1], args.seed, args.repeats, streams["groups"],
               ESTIMATORS[target][1]) for k, target in points]
+    # the null: layer 0 against its codes in a random order (independent, same histogram)
+    tasks.append((layers[0], permuted(codes, args.seed), *tasks[0][2:]))
+    results = run_all(tasks, pool)
     rows, parts = [], []
-    for (k, target), (est, seconds) in zip(points, run_all(tasks, pool)):
+    for (k, target), (est, seconds) in zip(points, results):
         method, options = ESTIMATORS[target]
         entry.setdefault(target, []).append(round(est.value, 4))
         entry["std"].setdefault(target, []).append(round(est.std, 4))
@@ -140,12 +147,16 @@ def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utteran
                          pca=options.get("pca"), mi_nats=f"{est.value:.4f}", std_nats=f"{est.std:.4f}",
                          repeats=args.repeats, frames=entry["frames"], n_fit=est.n_fit, n_heldout=est.n_heldout,
                          ceiling_nats="" if est.upper_bound is None else f"{est.upper_bound:.4f}",
-                         seconds=f"{seconds:.1f}"))
+                         entropy_nats=f"{entropy[target]:.4f}" if target in entropy else "", seconds=f"{seconds:.1f}"))
         parts.append(f"{target} {est.value:.3f}±{est.std:.3f}")
         clock.tick()
         if len(parts) == len(targets):
             log(f"{name} layer {k:2d}/{len(layers) - 1}: " + "  ".join(parts) + f"   [{clock}]")
             parts = []
+    null, _ = next(results)
+    entry["layer0_null"] = round(null.value, 4)
+    clock.tick()
+    log(f"{name}: layer 0 against permuted codes (the null, ~0): {null.value:.3f}±{null.std:.3f}   [{clock}]")
     return entry, rows
 
 
@@ -175,6 +186,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                                         "cluster of each frame's MFCC")
     units.add_argument("--units", help="unit labels, one line per manifest row (e.g. run_scripts/04 {split}.km)")
     p.add_argument("--phones", help="phone labels at 100 Hz, one line per manifest row (examples/corpus/data/*.phn)")
+    p.add_argument("--layer0-codes", type=int, default=N_CODES, help="cells of each model's layer-0 k-means "
+                                                                     f"codebook, the layer0 target (default {N_CODES})")
     p.add_argument("--repeats", type=int, default=2, help="estimates per point (new split and critic each); "
                                                           "their std is the spread (default 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -204,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             raise ValueError(f"two checkpoints are named {name!r}; name them: NAME=PATH")
         models.append((name, path, model, model_name, normalize))
     n_targets = 2 + sum(source is not None for source in (args.kmeans or args.units, args.phones))  # + layer0, mfcc
-    clock = Progress(sum(len(m[2].encoder.layers) + 1 for m in models) * n_targets)
+    clock = Progress(sum((len(m[2].encoder.layers) + 1) * n_targets + 1 for m in models))  # + 1: the null
     rows: List[Dict] = []
     cache: Dict[Tuple, Tuple] = {}
     pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) if args.jobs > 1 else None
@@ -218,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                 describe_targets(result, cache[geometry.convs][1], args)
             keep, streams = cache[geometry.convs]
             log(f"{name} ({model_name}): {len(utts)} utterances, {len(streams['groups'])} frames, "
-                f"{(len(model.encoder.layers) + 1) * n_targets} estimates x {args.repeats} repeats")
+                f"{(len(model.encoder.layers) + 1) * n_targets + 1} estimates x {args.repeats} repeats")
             entry, model_rows = analyse(name, path, model, normalize, utts, streams, keep, args, clock, pool)
             entry["model"] = model_name
             result["models"][name], rows = entry, rows + model_rows
@@ -237,8 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 def describe_targets(result: Dict, streams: Dict[str, Tensor], args) -> None:
-    """result["targets"]: source file and size of each target; label entropy H(y) (plug-in,
+    """result["targets"]: source and size of each target; label entropy H(y) (plug-in,
     Miller-Madow, all frames), the ceiling of any estimate of I(layer; labels)."""
+    result["targets"]["layer0"] = {"source": "each model's layer-0 k-means code (fairseq_mamba.analysis."
+                                             "reconstruction; its entropy: models[NAME].layer0_entropy)",
+                                   "classes": args.layer0_codes, "pca": PCA}
     result["targets"]["mfcc"] = {"source": "fairseq MfccFeatureReader (39-d)", "dim": int(streams["mfcc"].shape[1])}
     for target, source in (("units", args.kmeans or args.units), ("phones", args.phones)):
         if target in streams:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Dict
 
 TITLES = {
-    "layer0": "I(layer k; layer 0)  [reconstruction view]",
+    "layer0": "I(layer k; layer-0 code c0)  [reconstruction view]",
     "mfcc": "I(layer k; MFCC input)",
     "units": "I(layer k; k-means units)",
     "phones": "I(layer k; phone labels)",
@@ -17,8 +17,9 @@ def plot_layer_mi(result: Dict, path: str) -> None:
     Panels: the targets present; x: layer index (0 = encoder input); y: MI in nats, mean over
     repeats with their std as error bars; dotted line: the estimator's ceiling (InfoNCE's
     log N_heldout); dashed: the labels' entropy H(y), the most any layer can share with them
-    (also in the title). Each line is drawn only when a curve comes within half of it, so that
-    it does not flatten the curves."""
+    (also in the title); for layer0, each model's H(c0) in its colour (its own codebook; the
+    k = 0 point estimates exactly that). The ceiling and H(y) lines are drawn only when a curve
+    comes within half of them, so that they do not flatten the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +33,11 @@ def plot_layer_mi(result: Dict, path: str) -> None:
         for name, model in result["models"].items():
             if target in model:
                 values = model[target]
-                ax.errorbar(range(len(values)), values, yerr=model["std"][target], marker="o", ms=3,
-                            capsize=2, label=name)
+                line = ax.errorbar(range(len(values)), values, yerr=model["std"][target], marker="o", ms=3,
+                                   capsize=2, label=name)
+                if target == "layer0":
+                    ax.axhline(model["layer0_entropy"], color=line[0].get_color(), ls="--", lw=1,
+                               label=f"{name}: H(c0) = {model['layer0_entropy']:.2f}, {model['layer0_codes']} codes")
         spec = result["estimators"][target]
         top = max(max(m[target]) for m in result["models"].values() if target in m)
         if spec.get("ceiling") is not None and top > 0.5 * spec["ceiling"]:  # else it only squashes the curves

@@ -115,7 +115,7 @@ def _standardise(fit: Tensor, *others: Tensor) -> List[Tensor]:
     return [(t - mean) / std for t in (fit, *others)]
 
 
-def _reduce(fit: Tensor, *others: Tensor, pca: Optional[int] = None) -> List[Tensor]:
+def pca_reduce(fit: Tensor, *others: Tensor, pca: Optional[int] = None) -> List[Tensor]:
     """Z-score with ``fit``'s statistics, then (if ``pca`` < d) project every tensor onto the
     top-``pca`` principal axes of the z-scored ``fit`` rows and z-score the projections.
 
@@ -135,9 +135,9 @@ def _neural(kind: str) -> Callable:
     def run(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.3, pca: Optional[int] = None,
             groups: Optional[Tensor] = None, **train_options):
         fit, test = _split(x.shape[0], held_out, gen, groups)
-        x_fit, x_test = _reduce(x[fit].float(), x[test].float(), pca=pca)
+        x_fit, x_test = pca_reduce(x[fit].float(), x[test].float(), pca=pca)
         if y.is_floating_point():
-            y_fit, y_test = _reduce(y[fit].float(), y[test].float(), pca=pca)
+            y_fit, y_test = pca_reduce(y[fit].float(), y[test].float(), pca=pca)
             n_classes = None
         else:
             y_fit, y_test, n_classes = y[fit], y[test], int(y.max()) + 1
@@ -170,7 +170,7 @@ def _ksg(x: Tensor, y: Tensor, gen: torch.Generator, k: int = 3, n_samples: int 
     if k < 1 or k >= min(n_samples, x.shape[0]):
         raise ValueError(f"k={k} must be in [1, n_samples)")
     idx = torch.randperm(x.shape[0], generator=gen)[:n_samples]
-    xs, ys = _reduce(x[idx].float(), pca=pca)[0], _reduce(y[idx].float(), pca=pca)[0]
+    xs, ys = pca_reduce(x[idx].float(), pca=pca)[0], pca_reduce(y[idx].float(), pca=pca)[0]
     dx, dy = _chebyshev(xs), _chebyshev(ys)
     dxy = torch.maximum(dx, dy)
     dxy.fill_diagonal_(float("inf"))
@@ -202,7 +202,7 @@ def _plugin(x: Tensor, y: Tensor, gen: torch.Generator, held_out: float = 0.5, n
     fit, test = _split(x.shape[0], held_out, gen, groups)
     if n_codes < 2 or n_codes > len(fit):
         raise ValueError(f"n_codes={n_codes} must be in [2, n_fit={len(fit)}]")
-    x_fit, x_test = (t.double().numpy() for t in _reduce(x[fit].double(), x[test].double(), pca=pca))
+    x_fit, x_test = (t.double().numpy() for t in pca_reduce(x[fit].double(), x[test].double(), pca=pca))
     seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
     km = MiniBatchKMeans(n_clusters=n_codes, batch_size=batch_size, n_init=3, random_state=seed).fit(x_fit)
     codes, labels = km.predict(x_test), y[test].numpy()
@@ -255,9 +255,11 @@ def mi_profile(layers: Sequence[Tensor], reference: Union[int, Tensor], method: 
     """One estimate of I(layers[k]; reference) per layer.
 
     layers: sequence of (N, d_k) float tensors (frames aligned across layers); reference: an
-    int index into ``layers`` (the paper uses layer 0, the CNN features), an (N, d) float
-    tensor, or (N,) long targets. Every layer uses the same ``seed`` - hence the same splits -
-    with a fresh critic, so differences between layers are paired comparisons.
+    int index into ``layers``, an (N, d) float tensor, or (N,) long targets. Every layer uses the
+    same ``seed`` - hence the same splits - with a fresh critic, so differences between layers
+    are paired comparisons. Against another layer of the same network itself (the paper's
+    MI with layer 0) the true MI is near-infinite and every estimate sits at its method's ceiling;
+    the layer-wise analysis uses layer 0's k-means code instead (:mod:`.reconstruction`).
     """
     if isinstance(reference, int):
         if not -len(layers) <= reference < len(layers):

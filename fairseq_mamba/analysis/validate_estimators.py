@@ -1,6 +1,6 @@
 """Validate the estimators of :mod:`.layer_mi` on known MI at the analysis's sample size.
 
-    python -m fairseq_mamba.analysis.validate_estimators [--frames 9085] [--json OUT.json]
+    python -m fairseq_mamba.analysis.validate_estimators [--frames 9085] [--kinds coded ...] [--json OUT.json]
 
 ``--frames`` defaults to the valid frames of the bundled test split at 50 Hz (61 utterances).
 Every case is estimated with the settings ``layer_mi.ESTIMATORS`` uses for that kind of target
@@ -13,6 +13,12 @@ seconds. Cases:
   real features: what the PCA reduction relies on);
 * discrete (the units and phones targets): Gaussian mixtures with 50 and 72 overlapping
   classes in 32 dimensions (Monte-Carlo truth), the size of the demo's unit and phone sets;
+* coded (the layer0 target, :mod:`.reconstruction`): a 32-d "layer 0" and its 64-valued code
+  (the signs of 6 coordinates: H = 6 log 2 = 4.16 nats), against a "layer k" that is layer 0
+  itself, an invertible nonlinear map of it, the same after discarding 4 of the 6 coded
+  coordinates, or after adding noise (exact truth, ``ground_truth.quantised_channel``); and
+  layer 0's own 64-cell k-means code (the analysis's codebook, truth H(c0)) against layer 0 and
+  an invertible map of it. "plugin" there is I(code of layer k; c0), the k-means plug-in;
 * independence: the same shapes with MI = 0, which shows each method's bias at zero.
 """
 from __future__ import annotations
@@ -25,9 +31,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .ground_truth import gaussian_mixture, gaussian_pair, mixed_gaussian_pair
+from .ground_truth import gaussian_mixture, gaussian_pair, mixed_gaussian_pair, quantised_channel
 from .layer_mi import ESTIMATORS
 from .mutual_information import estimate_mi
+from .reconstruction import layer0_codes
 
 
 def cases(n: int) -> List[Tuple[str, str, Tensor, Tensor, float]]:
@@ -38,34 +45,50 @@ def cases(n: int) -> List[Tuple[str, str, Tensor, Tensor, float]]:
     for k, scale in ((50, 0.15), (50, 0.35), (50, 0.6), (72, 0.45)):
         x, y, true, _ = gaussian_mixture(k, 32, scale, n)
         out.append(("discrete", f"mixture K={k} d=32 scale={scale}", x, y, true))
+    for name, kw in (("invertible map", {}), ("4 of 6 coded coordinates lost", dict(lost=4)),
+                     ("noise 0.3", dict(noise=0.3)), ("noise 1", dict(noise=1.0))):
+        h0, layer, code, true = quantised_channel(n, **kw)
+        out.append(("coded", f"sign code, {name}", layer, code, true))
+    h0, layer, code, true = quantised_channel(n)
+    out.append(("coded", "sign code, layer 0 itself", h0, code, true))
+    codes, entropy = layer0_codes(h0)
+    out += [("coded", "k-means code, layer 0 itself", h0, codes, entropy),
+            ("coded", "k-means code, invertible map", layer, codes, entropy)]
     g = torch.Generator().manual_seed(5)
     out.append(("continuous", "independent d=32", torch.randn(n, 32, generator=g), torch.randn(n, 32, generator=g), 0.0))
     out.append(("discrete", "independent d=32, K=50", torch.randn(n, 32, generator=g), torch.randint(50, (n,), generator=g),
                 0.0))
+    out.append(("coded", "independent d=32, 64 codes", torch.randn(n, 32, generator=g),
+                torch.randint(64, (n,), generator=g), 0.0))
     return out
 
 
 def alternatives(kind: str) -> Dict[str, Tuple[str, Dict]]:
     """label -> (method, options): the chosen estimator first, then the rejected alternatives."""
-    target = "mfcc" if kind == "continuous" else "units"
+    target = {"continuous": "mfcc", "discrete": "units", "coded": "layer0"}[kind]
     method, options = ESTIMATORS[target]
     out = {f"chosen ({method}, pca {options.get('pca')})": (method, options), "mine": ("mine", options)}
     if kind == "continuous":
         out["ksg (pca 8)"] = ("ksg", dict(pca=8))
     else:
         out["plugin 64 codes"] = ("plugin", dict(pca=options.get("pca"), n_codes=64))
-        out["plugin 256 codes"] = ("plugin", dict(pca=options.get("pca"), n_codes=256))
+        if kind == "discrete":
+            out["plugin 256 codes"] = ("plugin", dict(pca=options.get("pca"), n_codes=256))
     return out
 
 
 def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(prog="python -m fairseq_mamba.analysis.validate_estimators", description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=9085)
+    p.add_argument("--kinds", nargs="+", choices=("continuous", "discrete", "coded"),
+                   default=("continuous", "discrete", "coded"), help="which kinds of cases to run (default: all)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     rows = []
     print(f"{'case':38s} {'true':>6s}  {'estimator':28s} {'estimate':>8s} {'error':>8s} {'sec':>5s}")
     for kind, name, x, y, true in cases(args.frames):
+        if kind not in args.kinds:
+            continue
         for label, (method, options) in alternatives(kind).items():
             t = time.time()
             est = estimate_mi(x, y, method=method, **options)
