@@ -46,6 +46,15 @@ fi
 if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchaudio') is None)"; then
   "${pip[@]}" --no-deps "torchaudio==2.11.0"
 fi
+# mamba-ssm's pure-PyTorch selective_scan_ref, the ground truth our scan is tested and benchmarked
+# against, on a CPU torch only: built without its CUDA kernels (MAMBA_SKIP_CUDA_BUILD) and without
+# deps (it would ask for triton and another torch). With a CUDA torch, install the real kernels
+# instead: pip install -e .[cuda].
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" &&
+  ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mamba_ssm') is None)"; then
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "${pip[@]}" --no-build-isolation --no-deps \
+    "mamba-ssm==2.3.2.post1" "einops==0.8.2"
+fi
 "${pip[@]}" -c "$constraints" --no-build-isolation --no-deps -e "$root"
 
 if "$py" -m pip list 2>/dev/null | grep -qi '^nvidia-' && ! "$py" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)"; then
