@@ -49,13 +49,17 @@ def test_padded_waveform_batch_equals_each_utterance_alone(bimamba_type):
     (With extractor_mode=default, HuBERT Base's GroupNorm normalises over padded samples too,
     so no model with that extractor is batch-consistent; the configs say so.)"""
     model = build(bimamba_type=bimamba_type).eval()
-    lengths = [8000, 5123, 3300]
-    wav = torch.full((3, max(lengths)), 1e3)
-    mask = torch.ones(3, max(lengths), dtype=torch.bool)
-    solos = []
-    for b, n in enumerate(lengths):
-        solos.append(torch.randn(1, n))
-        wav[b, :n], mask[b, :n] = solos[-1][0], False
+    assert_padded_batch_equals_solo(model, [torch.randn(1, n) for n in (8000, 5123, 3300)])
+
+
+def assert_padded_batch_equals_solo(model, solos, pad_value=1e3):
+    """Right-pad the (1, n) waveforms ``solos`` with ``pad_value`` into one batch: every valid
+    frame of every row equals the solo run within 1e-5, and the mask counts exactly its frames."""
+    lengths = [solo.shape[1] for solo in solos]
+    wav = torch.full((len(solos), max(lengths)), pad_value)
+    mask = torch.ones(len(solos), max(lengths), dtype=torch.bool)
+    for b, solo in enumerate(solos):
+        wav[b, : lengths[b]], mask[b, : lengths[b]] = solo[0], False
     with torch.no_grad():
         batch, pad = model.extract_features(wav, padding_mask=mask)
         for b, solo in enumerate(solos):

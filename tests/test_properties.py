@@ -17,6 +17,7 @@ from fairseq_mamba.ops.chunked_scan import ChunkedSelectiveScan
 
 from fairseq.data import Dictionary
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+from test_mamba_hubert_model import assert_padded_batch_equals_solo
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -117,15 +118,4 @@ def test_padded_waveform_batch_equals_each_utterance_alone(tiny_models, bimamba_
     """From samples to features: every valid frame of every row equals the solo run (1e-5)."""
     model = tiny_models[bimamba_type]
     g = torch.Generator().manual_seed(seed)
-    solos = [torch.randn(1, n, generator=g) for n in lengths]
-    wav = torch.full((len(lengths), max(lengths)), 1e3)
-    mask = torch.ones(len(lengths), max(lengths), dtype=torch.bool)
-    for b, solo in enumerate(solos):
-        wav[b, : solo.shape[1]], mask[b, : solo.shape[1]] = solo[0], False
-    with torch.no_grad():
-        batch, pad = model.extract_features(wav, padding_mask=mask)
-        for b, solo in enumerate(solos):
-            alone, _ = model.extract_features(solo)
-            n = alone.shape[1]
-            assert int((~pad[b]).sum()) == n
-            assert (batch[b, :n] - alone[0]).abs().max().item() < 1e-5
+    assert_padded_batch_equals_solo(model, [torch.randn(1, n, generator=g) for n in lengths])
