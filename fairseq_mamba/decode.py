@@ -71,10 +71,7 @@ def decode(ckpt, data, split, out_dir):
     import torch
     import torch.nn.functional as F
 
-    import fairseq_mamba  # noqa: F401  (registers mamba_hubert; checkpoint loading)
-    from fairseq_mamba.upstream import patch_hubert_ctc
-
-    patch_hubert_ctc()  # fairseq 0.12's hubert_ctc cannot be built without it
+    import fairseq_mamba  # noqa: F401  (registers mamba_hubert, fixes hubert_ctc, checkpoint loading)
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(

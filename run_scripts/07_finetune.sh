@@ -4,8 +4,8 @@
 #   MANIFEST_DIR (stage 1) holds {train,valid}.tsv, .ltr and dict.ltr.txt.
 #   Config: examples/finetune/${CONFIG:-MODEL_tiny_cpu}.yaml (also *_base_10h / *_base_100h).
 # Writes OUT_DIR/checkpoints/checkpoint_{best,last}.pt, OUT_DIR/train.log, OUT_DIR/peak_rss_mb.txt.
-# Runs fairseq-hydra-train through fairseq_mamba.upstream, which fixes fairseq 0.12's hubert_ctc
-# (its encoder reads cfg.autoregressive, missing from HubertCtcConfig).
+# Plain fairseq-hydra-train: importing the user dir (common.user_dir=fairseq_mamba) fixes fairseq
+# 0.12's hubert_ctc (its encoder reads cfg.autoregressive, missing from HubertCtcConfig).
 # Skipped when OUT_DIR/.done exists; an interrupted run resumes from checkpoint_last.pt.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -17,7 +17,7 @@ mkdir -p "$out"
 log "fine-tuning $ckpt ($config) -> $out"
 cd "$ROOT"
 "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
-  "$PY" -m fairseq_mamba.upstream fairseq-hydra-train --config-dir examples/finetune --config-name "$config" \
+  "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/finetune --config-name "$config" \
   task.data="$data" task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba \
   hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
 [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \

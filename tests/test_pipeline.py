@@ -137,12 +137,9 @@ def test_dump_hubert_feature_on_mamba_hubert(work, pretrained):
 def test_hubert_ctc_builds_from_our_checkpoint(work, pretrained):
     from omegaconf import OmegaConf
 
-    import fairseq_mamba  # noqa: F401
+    import fairseq_mamba  # noqa: F401  (also fixes hubert_ctc's config)
     from fairseq import tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: F401
-    from fairseq_mamba.upstream import patch_hubert_ctc
 
-    patch_hubert_ctc()
     cfg = OmegaConf.load(REPO / "examples" / "finetune" / "mamba_hubert_tiny_cpu.yaml")
     task_cfg = cfg.task
     task_cfg.data = task_cfg.label_dir = str(work / "data")
@@ -161,6 +158,28 @@ def test_hubert_ctc_builds_from_our_checkpoint(work, pretrained):
     out = model(source=torch.randn(1, 16000), padding_mask=None)
     lp = model.get_normalized_probs(out, log_probs=True)
     assert lp.shape[1:] == (1, len(task.target_dictionary)) and 45 < lp.shape[0] < 105
+
+
+def test_user_dir_import_fixes_hubert_ctc_once():
+    """Importing the user dir alone makes fairseq 0.12's hubert_ctc buildable (07 runs plain
+    fairseq-hydra-train); a second fix, or a fairseq that has the field, leaves it untouched."""
+    code = (
+        "from dataclasses import fields\n"
+        "from fairseq.models import MODEL_DATACLASS_REGISTRY as R\n"
+        "from fairseq.models.hubert import hubert_asr\n"
+        "before = R['hubert_ctc']\n"
+        "import fairseq_mamba\n"
+        "from fairseq_mamba.upstream import patch_hubert_ctc\n"
+        "fixed = R['hubert_ctc']\n"
+        "print('field before', 'autoregressive' in {f.name for f in fields(before)})\n"
+        "print('fixed', fixed is not before, fixed().autoregressive, getattr(hubert_asr.HubertCtc, '__dataclass') is fixed)\n"
+        "print('again', patch_hubert_ctc(), R['hubert_ctc'] is fixed)\n"
+    )
+    out = run([PY, "-c", code]).stdout
+    if "field before True" in out:  # a fairseq that defines the field itself: nothing replaced
+        assert "fixed False" in out and "again False True" in out
+    else:
+        assert "fixed True False True" in out and "again False True" in out
 
 
 def test_decode_maths():
