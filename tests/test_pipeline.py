@@ -185,7 +185,7 @@ def test_user_dir_import_fixes_hubert_ctc_once():
 def test_decode_maths():
     from fairseq_mamba.decode import ctc_best_path, edit_distance, error_rates, letters_to_words
 
-    assert ctc_best_path([0, 5, 5, 0, 5, 6, 6, 1, 0], blank=0, pad=1) == [5, 5, 6]
+    assert ctc_best_path([0, 5, 5, 0, 5, 6, 6, 1, 2, 0], blank=0, drop=(1, 2)) == [5, 5, 6]
     assert letters_to_words(list("AB|C|")) == "AB C"
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance([], ["a"]) == 1
