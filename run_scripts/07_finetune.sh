@@ -16,13 +16,13 @@ if [[ -f "$out/.done" ]]; then log "$out done, skipping"; exit 0; fi
 mkdir -p "$out"
 log "fine-tuning $ckpt ($config) -> $out"
 cd "$ROOT"
-# one progress line per logged update / validation (run_scripts/progress.awk); the full log is train.log
+# one progress line per logged update / validation (run_scripts/progress.py); the full log is train.log
 tag="fine-tune $model" total=""
 for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
 "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
   "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/finetune --config-name "$config" \
   task.data="$data" task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba \
-  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | awk -v tag="$tag" -v total="$total" -f "$ROOT/run_scripts/progress.awk" >&2 || true
+  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
 [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
   || { echo "fine-tuning failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
 echo "$model $config" >"$out/.done"
