@@ -2,7 +2,8 @@
 
 Reads, per model m, WORK/pretrain/m_iter{1,2}/train.log and WORK/finetune/m/train.log (fairseq
 'simple' log lines), their peak_rss_mb.txt, and WORK/decode/m/test.json; WORK/wall_seconds.txt,
-WORK/settings.json and WORK/load.txt for the run as a whole.  Nothing is typed in: a missing log
+WORK/settings.json, WORK/load.txt, WORK/setup_seconds.txt and WORK/stage_seconds.tsv (demo.sh) for
+the run as a whole.  Nothing is typed in: a missing log
 gives null (n/a in the report).
 
 results.json is exactly {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
@@ -57,6 +58,19 @@ def read_json(path):
         return json.load(open(path))
     except (OSError, ValueError):
         return {}
+
+
+def stage_seconds(work):
+    """{stage name: wall seconds} from demo.sh's stage_seconds.tsv (a re-run stage: its last time)."""
+    out = {}
+    path = os.path.join(work, "stage_seconds.tsv")
+    if os.path.exists(path):
+        for line in open(path):
+            name, _, sec = line.strip().partition("\t")
+            if sec:
+                out[name] = float(sec)
+    setup = read_float(os.path.join(work, "setup_seconds.txt"))
+    return {"setup": setup, **out} if setup is not None else out
 
 
 def stage_stats(work, m, stage):
@@ -171,7 +185,7 @@ def fmt(v, p=2):
     return "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.{p}f}")
 
 
-def markdown(work, stats, plots, wall, settings, load):
+def markdown(work, stats, plots, wall, settings, load, seconds):
     lines = ["# fairseq_mamba demo report", ""]
     if wall is not None:
         lines.append(f"Wall time of this run (set-up included): **{wall / 60:.1f} min** ({wall:.0f} s).")
@@ -191,6 +205,9 @@ def markdown(work, stats, plots, wall, settings, load):
             v = r["stages"][s]
             lines.append(f"| {m} | {s} | {v['updates']} | {fmt(v['train_seconds'], 0)} | {fmt(v['sec_per_update'])} | "
                          f"{fmt(v['loss_final'], 3)} | {fmt(v['peak_rss_mb'], 0)} |")
+    if seconds:
+        lines += ["", "Wall seconds per stage (`stage_seconds.tsv`; with PARALLEL=1 the two models' stages overlap):", "",
+                  "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
     lines += ["", "Every number above is parsed from this run's logs (`pretrain/*/train.log`, `finetune/*/train.log`, "
               "`*/peak_rss_mb.txt`, `decode/*/test.json`); `results.json` and `details.json` hold them too. "
               "sec/update = summed `train_wall` of the pre-training epochs (both iterations; no validation or "
@@ -218,8 +235,9 @@ def main(work, models):
     results = {"models": {m: results_entry(work, m, s) for m, s in stats.items()}}
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    seconds = stage_seconds(work)
     details = {"models": {m: details_entry(s) for m, s in stats.items()}, "wall_seconds": wall,
-               "settings": settings, "load": load}
+               "stage_seconds": seconds, "settings": settings, "load": load}
     with open(os.path.join(work, "details.json"), "w") as f:
         json.dump(details, f, indent=1)
     try:
@@ -228,7 +246,7 @@ def main(work, models):
         print(f"[make_report] plots skipped: {err!r}", file=sys.stderr)
         plots = []
     with open(os.path.join(work, "report.md"), "w") as f:
-        f.write(markdown(work, stats, plots, wall, settings, load))
+        f.write(markdown(work, stats, plots, wall, settings, load, seconds))
     print(json.dumps(results))
     return results
 
