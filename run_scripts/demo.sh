@@ -41,13 +41,14 @@ echo "[demo] scale $S: pre-train $PT1 + $PT2 updates, fine-tune $FT updates, mod
 echo "$(( $(date +%s) - t_start ))" >"$W/setup_seconds.txt"
 
 step() { echo "[demo $(date +%H:%M:%S) +$(( $(date +%s) - t_start ))s] $*"; }
-# q NAME cmd...: run a stage with its output in WORK/logs/NAME.log (shown if it fails), timed
-q() { local name=$1 t0; t0=$(date +%s); shift
-  "$@" >>"$W/logs/$name.log" 2>&1 || { tail -40 "$W/logs/$name.log" >&2; echo "[demo] $name failed, log: $W/logs/$name.log" >&2; return 1; }
-  printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >>"$W/stage_seconds.tsv"; }
-# timed NAME cmd...: a stage that shows its own progress (05, 07)
-timed() { local name=$1 t0; t0=$(date +%s); shift
-  "$@"; printf '%s\t%s\n' "$name" "$(( $(date +%s) - t0 ))" >>"$W/stage_seconds.tsv"; }
+# timed NAME cmd...: run a stage, appending "NAME wall user sys" seconds (its processes and their
+# children) to WORK/stage_seconds.tsv: CPU seconds are what a quiet machine's wall time would be
+timed() { local name=$1 TIMEFORMAT; shift; TIMEFORMAT="$name	%R	%U	%S"
+  { time "$@" 2>&3; } 3>&2 2>>"$W/stage_seconds.tsv"; }
+# q NAME cmd...: a timed stage with its output in WORK/logs/NAME.log (shown if it fails)
+q() { local name=$1; shift
+  timed "$name" "$@" >>"$W/logs/$name.log" 2>&1 || {
+    tail -40 "$W/logs/$name.log" >&2; echo "[demo] $name failed, log: $W/logs/$name.log" >&2; return 1; }; }
 # shards NJ script args...: NJ parallel shards of a stage script
 shards() { local nj=$1 script=$2; shift 2; local pids=() r p rc=0
   for r in $(seq 0 $((nj - 1))); do bash "run_scripts/$script" "$@" "$nj" "$r" & pids+=($!); done

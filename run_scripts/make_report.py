@@ -61,16 +61,20 @@ def read_json(path):
 
 
 def stage_seconds(work):
-    """{stage name: wall seconds} from demo.sh's stage_seconds.tsv (a re-run stage: its last time)."""
+    """{stage: {"wall": s, "cpu": s or None}} from demo.sh's stage_seconds.tsv (name, wall, user, sys).
+
+    CPU = user + sys of the stage's processes: with one thread per process, a quiet machine's wall
+    time.  A stage run twice (a resumed demo) keeps its last line."""
     out = {}
-    path = os.path.join(work, "stage_seconds.tsv")
-    if os.path.exists(path):
-        for line in open(path):
-            name, _, sec = line.strip().partition("\t")
-            if sec:
-                out[name] = float(sec)
     setup = read_float(os.path.join(work, "setup_seconds.txt"))
-    return {"setup": setup, **out} if setup is not None else out
+    if setup is not None:
+        out["setup"] = {"wall": setup, "cpu": None}
+    path = os.path.join(work, "stage_seconds.tsv")
+    for line in open(path) if os.path.exists(path) else []:
+        f = line.split()
+        if len(f) >= 2:
+            out[f[0]] = {"wall": float(f[1]), "cpu": float(f[2]) + float(f[3]) if len(f) >= 4 else None}
+    return out
 
 
 def stage_stats(work, m, stage):
@@ -208,8 +212,11 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
             lines.append(f"| {m} | {s} | {v['updates']} | {fmt(v['train_seconds'], 0)} | {fmt(v['sec_per_update'])} | "
                          f"{fmt(v['loss_final'], 3)} | {fmt(v['peak_rss_mb'], 0)} |")
     if seconds:
-        lines += ["", "Wall seconds per stage (`stage_seconds.tsv`; with PARALLEL=1 the two models' stages overlap):", "",
-                  "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in seconds.items()]
+        lines += ["", "Seconds per stage (`stage_seconds.tsv`; with PARALLEL=1 the two models' stages overlap; "
+                  "CPU = user + sys summed over the stage's processes; for a one-process, one-thread stage that is its wall "
+                  "time on an idle machine):",
+                  "", "| stage | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {k} | {v['wall']:.0f} | {fmt(v['cpu'], 0)} |" for k, v in seconds.items()]
     lines += ["", "Every number above is parsed from this run's logs (`pretrain/*/train.log`, `finetune/*/train.log`, "
               "`*/peak_rss_mb.txt`, `decode/*/test.json`); `results.json` and `details.json` hold them too. "
               "sec/update = summed `train_wall` of the pre-training epochs (both iterations; no validation or "
