@@ -2,9 +2,10 @@
 
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
 model and criterion, lets fairseq's own checkpoint loading read checkpoints under
-torch >= 2.6 (see ``checkpoint_compat``), checks every split fairseq's ``hubert_pretraining``
-task loads before it loads it (``data_checks``), and makes a killed run resume exactly
-(``resume``).
+torch >= 2.6 (see ``checkpoint_compat``), makes fairseq 0.12's ``hubert_ctc`` buildable
+(see ``upstream.patch_hubert_ctc``) so plain ``fairseq-hydra-train`` fine-tunes our checkpoints,
+checks every split fairseq's ``hubert_pretraining`` task loads before it loads it
+(``data_checks``), and makes a killed run resume exactly (``resume``).
 """
 try:
     import fairseq  # noqa: F401
@@ -21,8 +22,11 @@ allow_fairseq_checkpoints()
 
 from .data_checks import install_training_checks  # noqa: E402
 from .resume import install_resume_fixes  # noqa: E402
+from .upstream import patch_hubert_ctc  # noqa: E402
 
 install_training_checks()
 install_resume_fixes()
+# Idempotent; leaves a fairseq whose HubertCtcConfig already has `autoregressive` untouched.
+patch_hubert_ctc()
 
 from . import criterions, models  # noqa: E402,F401  (registration side effects)

@@ -12,7 +12,7 @@ the Viterbi best path through CTC posteriors is simply the per-frame argmax, so 
 2. reads each utterance of ``SPLIT.tsv`` with soundfile (16 kHz mono expected), layer-normalises
    the waveform when the task says ``normalize`` (as fairseq's dataset does);
 3. takes ``argmax`` of the log-posteriors per frame, merges repeats, drops the blank (index 0,
-   ``<s>``, which fairseq's ``ctc`` criterion uses as blank for this task) and padding;
+   ``<s>``, which fairseq's ``ctc`` criterion uses as blank for this task), padding and ``</s>``;
 4. turns letters into words (``post_process(..., "letter")``: drop spaces, ``|`` -> space);
 5. scores against ``SPLIT.wrd`` (or ``SPLIT.ltr``): WER = word edit distance / reference words,
    CER = character edit distance (spaces included) / reference characters, both in percent,
@@ -51,11 +51,11 @@ def error_rates(refs, hyps):
     return 100.0 * we / max(wn, 1), 100.0 * ce / max(cn, 1)
 
 
-def ctc_best_path(token_ids, blank=0, pad=None):
-    """Merge repeated frame labels, then drop blanks (and padding)."""
+def ctc_best_path(token_ids, blank=0, drop=()):
+    """Merge repeated frame labels, then drop blanks and the ``drop`` ids (padding, end of sentence)."""
     out, last = [], None
     for t in token_ids:
-        if t != last and t != blank and t != pad:
+        if t != last and t != blank and t not in drop:
             out.append(t)
         last = t
     return out
@@ -71,10 +71,7 @@ def decode(ckpt, data, split, out_dir):
     import torch
     import torch.nn.functional as F
 
-    import fairseq_mamba  # noqa: F401  (registers mamba_hubert; checkpoint loading)
-    from fairseq_mamba.upstream import patch_hubert_ctc
-
-    patch_hubert_ctc()  # fairseq 0.12's hubert_ctc cannot be built without it
+    import fairseq_mamba  # noqa: F401  (registers mamba_hubert, fixes hubert_ctc, checkpoint loading)
     from fairseq import checkpoint_utils
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
@@ -108,7 +105,8 @@ def decode(ckpt, data, split, out_dir):
             net_output = model(source=x[None], padding_mask=None)
             lprobs = model.get_normalized_probs(net_output, log_probs=True)  # (T, B, V)
             ids = lprobs[:, 0].argmax(-1).tolist()
-            toks = ctc_best_path(ids, blank=blank, pad=tgt_dict.pad())
+            # as fairseq's ctc criterion scores its WER: no blank, padding or </s> (<unk> stays)
+            toks = ctc_best_path(ids, blank=blank, drop=(tgt_dict.pad(), tgt_dict.eos()))
             hyps.append(letters_to_words([tgt_dict[t] for t in toks]))
     wer, cer = error_rates(refs, hyps)
     os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,8 @@
 #   MODEL: mamba_hubert | hubert;  ITER: 1 (MFCC k-means labels) | 2 (labels from iter-1 features)
 #   LABEL_DIR holds {train,valid}.km and dict.km.txt. Config: examples/pretrain/${CONFIG:-MODEL_tiny_cpu}.yaml
 # Writes OUT_DIR/checkpoints/checkpoint_last.pt, OUT_DIR/train.log, OUT_DIR/peak_rss_mb.txt.
-# Skipped when OUT_DIR/.done exists; an interrupted run resumes from checkpoint_last.pt.
+# Skipped when OUT_DIR/.done records the same inputs and settings (common.sh, needs_run);
+# an interrupted run resumes from checkpoint_last.pt.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 5 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
@@ -12,7 +13,9 @@ model=$1; iter=$2; data=$(abspath "$3"); labels=$(abspath "$4"); out=$(abspath "
 case $model in mamba_hubert|hubert) ;; *) echo "MODEL must be mamba_hubert or hubert" >&2; exit 2;; esac
 case $iter in 1|2) ;; *) echo "ITER must be 1 or 2" >&2; exit 2;; esac
 config=${CONFIG:-${model}_tiny_cpu}
-if [[ -f "$out/.done" ]]; then log "$out done, skipping"; exit 0; fi
+stamp="pretrain $model iter $iter $config $* on $data ($(fingerprint "$data/train.tsv" "$data/valid.tsv")) \
+labels $labels ($(fingerprint "$labels/train.km" "$labels/valid.km" "$labels/dict.km.txt"))"
+needs_run "$out/.done" "$stamp" "pre-training in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
 mkdir -p "$out"
 # label rate from the labels themselves: 100 Hz for MFCC labels (iteration 1), the model's frame
 # rate (e.g. 50 Hz for a 320x conv stride) for labels from its own features (iteration 2)
@@ -27,10 +30,13 @@ PYEOF
 )
 log "pre-training $model iteration $iter ($config, labels at $rate Hz) -> $out"
 cd "$ROOT"
+# one progress line per logged update / validation (run_scripts/progress.py); the full log is train.log
+tag="pre-train $model iter $iter" total=""
+for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
 "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
   "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/pretrain --config-name "$config" \
   task.data="$data" task.label_dir="$labels" common.user_dir=fairseq_mamba \
-  model.label_rate="$rate" hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
+  model.label_rate="$rate" hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
 [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
   || { echo "pre-training failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
-echo "$model iter $iter $config" >"$out/.done"
+mark_done "$out/.done" "$stamp"

@@ -4,22 +4,28 @@
 #   MANIFEST_DIR (stage 1) holds {train,valid}.tsv, .ltr and dict.ltr.txt.
 #   Config: examples/finetune/${CONFIG:-MODEL_tiny_cpu}.yaml (also *_base_10h / *_base_100h).
 # Writes OUT_DIR/checkpoints/checkpoint_{best,last}.pt, OUT_DIR/train.log, OUT_DIR/peak_rss_mb.txt.
-# Runs fairseq-hydra-train through fairseq_mamba.upstream, which fixes fairseq 0.12's hubert_ctc
-# (its encoder reads cfg.autoregressive, missing from HubertCtcConfig).
-# Skipped when OUT_DIR/.done exists; an interrupted run resumes from checkpoint_last.pt.
+# Plain fairseq-hydra-train: importing the user dir (common.user_dir=fairseq_mamba) fixes fairseq
+# 0.12's hubert_ctc (its encoder reads cfg.autoregressive, missing from HubertCtcConfig).
+# Skipped when OUT_DIR/.done records the same inputs and settings (common.sh, needs_run);
+# an interrupted run resumes from checkpoint_last.pt.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 4 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
 model=$1; ckpt=$(abspath "$2"); data=$(abspath "$3"); out=$(abspath "$4"); shift 4
 config=${CONFIG:-${model}_tiny_cpu}
-if [[ -f "$out/.done" ]]; then log "$out done, skipping"; exit 0; fi
+stamp="finetune $model $config $* from $ckpt ($(fingerprint "$ckpt")) \
+on $data ($(fingerprint "$data/train.tsv" "$data/train.ltr" "$data/dict.ltr.txt"))"
+needs_run "$out/.done" "$stamp" "fine-tuning in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
 mkdir -p "$out"
 log "fine-tuning $ckpt ($config) -> $out"
 cd "$ROOT"
+# one progress line per logged update / validation (run_scripts/progress.py); the full log is train.log
+tag="fine-tune $model" total=""
+for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
 "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
-  "$PY" -m fairseq_mamba.upstream fairseq-hydra-train --config-dir examples/finetune --config-name "$config" \
+  "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/finetune --config-name "$config" \
   task.data="$data" task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba \
-  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | grep --line-buffered -E "\] - epoch [0-9]+ \||done training|Error|error" >&2 || true
+  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
 [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
   || { echo "fine-tuning failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
-echo "$model $config" >"$out/.done"
+mark_done "$out/.done" "$stamp"

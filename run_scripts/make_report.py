@@ -1,7 +1,14 @@
-"""make_report.py WORK MODEL...: report.md, PNG plots and results.json from a demo run's own logs.
+"""make_report.py WORK MODEL...: report.md, PNG plots, results.json and details.json from a demo run's logs.
 
-Reads, per model, WORK/pretrain/<m>_iter{1,2}/train.log (fairseq 'simple' log lines),
-peak_rss_mb.txt files, WORK/finetune/<m>/train.log and WORK/decode/<m>/test.json.
+Reads, per model m, WORK/pretrain/m_iter{1,2}/train.log and WORK/finetune/m/train.log (fairseq
+'simple' log lines), their peak_rss_mb.txt, and WORK/decode/m/test.json; WORK/wall_seconds.txt,
+WORK/settings.json, WORK/load.txt, WORK/setup_seconds.txt and WORK/stage_seconds.tsv (demo.sh) for
+the run as a whole.  Nothing is typed in: a missing log
+gives null (n/a in the report).
+
+results.json is exactly {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
+pretrain_loss_final}}}; details.json adds per-stage numbers, wall time and settings.  A later stage's
+per-model numbers (say WORK/mi/mi.json) go into results.json by one more entry in `results_entry`.
 """
 import json
 import os
@@ -9,37 +16,33 @@ import re
 import sys
 
 KV = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[= ]([-+]?[0-9][0-9.e+-]*)(?=,|\s*\||\s*$)")
+STAGES = ("pretrain_iter1", "pretrain_iter2", "finetune")
+RESULT_KEYS = ("params", "wer_test", "cer_test", "sec_per_update", "peak_rss_mb", "pretrain_loss_final")
 
 
 def parse_log(path):
-    """(inner, epochs, params): train_inner and train-epoch dicts, and the parameter count."""
-    inner, epochs, params = [], [], None
+    """Curves and parameter count of one fairseq run from its 'simple' log.
+
+    Returns {"inner": [...], "epochs": [...], "valid": [...], "params": int or None}: the
+    train_inner, train-epoch and valid lines, each a dict of its logged numbers (loss, correct_m_0,
+    num_updates, train_wall, ...).
+    """
+    out = {"inner": [], "epochs": [], "valid": [], "params": None}
     if not os.path.exists(path):
-        return inner, epochs, params
+        return out
+    tags = (("inner", "][train_inner]["), ("epochs", "][train]["), ("valid", "][valid]["))
     for line in open(path, errors="replace"):
         m = re.search(r"num\. shared model params: ([\d,]+)", line)
-        if m and params is None:
-            params = int(m.group(1).replace(",", ""))
-        if "][train_inner][" in line:
-            body = line.split(" - ", 1)[1]
-            body = body.split(":", 1)[1] if ":" in body.split("loss", 1)[0] else body
-            d = {k: float(v) for k, v in KV.findall(body)}
-            if "num_updates" in d:
-                inner.append(d)
-        elif "][train][" in line and " - epoch " in line:
-            d = {k: float(v) for k, v in KV.findall(line.split(" - ", 1)[1].replace("epoch", "ep", 1))}
-            if "num_updates" in d:
-                epochs.append(d)
-    return inner, epochs, params
-
-
-def curve(inner, epochs):
-    rows = inner or epochs
-    out = []
-    for d in rows:
-        # fairseq's hubert criterion already logs correct_{m,u}_0 divided by count_{m,u}_0
-        acc_m, acc_u = d.get("correct_m_0"), d.get("correct_u_0")
-        out.append((d["num_updates"], d.get("loss"), acc_m, acc_u))
+        if m and out["params"] is None:
+            out["params"] = int(m.group(1).replace(",", ""))
+        kind = next((k for k, tag in tags if tag in line), None)
+        if kind is None or " - epoch " not in line:
+            continue
+        body = line.split(" - epoch ", 1)[1]
+        body = re.sub(r"^\d+(:\s+\d+ / \d+)?", "", body)  # "001:   10 / 70" or "001"
+        d = {k: float(v) for k, v in KV.findall(body)}
+        if "num_updates" in d:
+            out[kind].append(d)
     return out
 
 
@@ -50,143 +53,233 @@ def read_float(path):
         return None
 
 
-def main(work, models):
-    res, curves = {}, {}
-    for m in models:
-        pt = {}
-        for it in (1, 2):
-            d = os.path.join(work, "pretrain", f"{m}_iter{it}")
-            inner, epochs, params = parse_log(os.path.join(d, "train.log"))
-            # train_wall in a train-epoch line is that epoch's training time
-            updates = int(epochs[-1]["num_updates"]) if epochs else 0
-            walls = [e.get("train_wall", 0.0) for e in epochs]
-            pt[it] = {
-                "curve": curve(inner, epochs),
-                "params": params,
-                "updates": updates,
-                "sec_per_update": (sum(walls) / updates) if updates else None,
-                "loss_final": epochs[-1].get("loss") if epochs else None,
-                "peak_rss_mb": read_float(os.path.join(d, "peak_rss_mb.txt")),
-            }
-        ft_inner, ft_epochs, ft_params = parse_log(os.path.join(work, "finetune", m, "train.log"))
-        dec = {}
-        try:
-            dec = json.load(open(os.path.join(work, "decode", m, "test.json")))
-        except OSError:
-            pass
-        rss = [x for x in (pt[1]["peak_rss_mb"], pt[2]["peak_rss_mb"]) if x is not None]
-        res[m] = {
-            "params": pt[1]["params"],
-            "wer_test": dec.get("wer"),
-            "cer_test": dec.get("cer"),
-            "sec_per_update": pt[1]["sec_per_update"],
-            "peak_rss_mb": max(rss) if rss else None,
-            "pretrain_loss_final": pt[2]["loss_final"] if pt[2]["loss_final"] is not None else pt[1]["loss_final"],
-            "pretrain_iter1_loss_final": pt[1]["loss_final"],
-            "pretrain_iter1_updates": pt[1]["updates"],
-            "pretrain_iter2_updates": pt[2]["updates"],
-            "pretrain_iter2_sec_per_update": pt[2]["sec_per_update"],
-            "finetune_updates": int(ft_epochs[-1]["num_updates"]) if ft_epochs else None,
-            "finetune_loss_final": ft_epochs[-1].get("loss") if ft_epochs else None,
-            "finetune_sec_per_update": (sum(e.get("train_wall", 0) for e in ft_epochs) / ft_epochs[-1]["num_updates"])
-            if ft_epochs else None,
-            "finetune_params": ft_params,
-            "finetune_peak_rss_mb": read_float(os.path.join(work, "finetune", m, "peak_rss_mb.txt")),
-        }
-        curves[m] = (pt[1]["curve"], pt[2]["curve"], curve(ft_inner, ft_epochs))
-
-    wall = read_float(os.path.join(work, "wall_seconds.txt"))
-    settings = {}
+def read_json(path):
     try:
-        settings = json.load(open(os.path.join(work, "settings.json")))
+        return json.load(open(path))
     except (OSError, ValueError):
-        pass
-    out = {"models": res, "wall_seconds": wall, "settings": settings}
-    with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump(out, f, indent=1)
+        return {}
+
+
+def stage_seconds(work):
+    """{stage: {"wall": s, "cpu": s or None}} from demo.sh's stage_seconds.tsv (name, wall, user, sys).
+
+    CPU = user + sys of the stage's processes: with one thread per process, a quiet machine's wall
+    time.  A stage run twice (a resumed demo) keeps its last line."""
+    out = {}
+    setup = read_float(os.path.join(work, "setup_seconds.txt"))
+    if setup is not None:
+        out["setup"] = {"wall": setup, "cpu": None}
+    path = os.path.join(work, "stage_seconds.tsv")
+    for line in open(path) if os.path.exists(path) else []:
+        f = line.split()
+        if len(f) >= 2:
+            out[f[0]] = {"wall": float(f[1]), "cpu": float(f[2]) + float(f[3]) if len(f) >= 4 else None}
+    return out
+
+
+def stage_stats(work, m, stage):
+    """Numbers of one training stage of model m: pretrain_iter1, pretrain_iter2 or finetune."""
+    d = os.path.join(work, "finetune", m) if stage == "finetune" else os.path.join(work, "pretrain", f"{m}_{stage[9:]}")
+    log = parse_log(os.path.join(d, "train.log"))
+    last = log["epochs"][-1] if log["epochs"] else {}
+    updates = int(last.get("num_updates", 0))
+    # train_wall of a train-epoch line is that epoch's training time (fairseq resets it each
+    # epoch), so the sum is the run's training time without validation and checkpointing
+    wall = sum(e.get("train_wall", 0.0) for e in log["epochs"])
+    return {
+        "log": log,
+        "params": log["params"],
+        "updates": updates,
+        "train_seconds": wall,
+        "sec_per_update": wall / updates if updates else None,
+        "loss_final": last.get("loss"),
+        "peak_rss_mb": read_float(os.path.join(d, "peak_rss_mb.txt")),
+    }
+
+
+def model_stats(work, m):
+    """Every number of model m's run: per stage, decoding, and the summaries."""
+    st = {s: stage_stats(work, m, s) for s in STAGES}
+    dec = read_json(os.path.join(work, "decode", m, "test.json"))
+    pre = [st[s] for s in STAGES[:2] if st[s]["updates"]]
+    pre_updates = sum(s["updates"] for s in pre)
+    rss = [st[s]["peak_rss_mb"] for s in STAGES if st[s]["peak_rss_mb"] is not None]
+    final = next((s["loss_final"] for s in reversed(pre) if s["loss_final"] is not None), None)
+    return {
+        "stages": st,
+        "decode": dec,
+        "params": st["pretrain_iter1"]["params"],
+        "wer_test": dec.get("wer"),
+        "cer_test": dec.get("cer"),
+        # pre-training (both iterations): training seconds per update
+        "sec_per_update": sum(s["train_seconds"] for s in pre) / pre_updates if pre_updates else None,
+        "peak_rss_mb": max(rss) if rss else None,
+        "pretrain_loss_final": final,
+    }
+
+
+MI_TARGETS = ("layer0", "mfcc", "units", "phones")
+
+
+def results_entry(work, m, stats):
+    """The results.json entry of model m: the six summary keys, plus "mi" (one value per layer and
+    target, nats) when stage 09 ran (WORK/mi/layer_mi.json)."""
+    entry = {k: stats[k] for k in RESULT_KEYS}
+    mi = read_json(os.path.join(work, "mi", "layer_mi.json")).get("models", {}).get(m)
+    if mi:
+        entry["mi"] = {t: mi[t] for t in MI_TARGETS if t in mi}
+    return entry
+
+
+def details_entry(stats):
+    out = {k: stats[k] for k in RESULT_KEYS}
+    for s, v in stats["stages"].items():
+        out[s] = {k: v[k] for k in ("params", "updates", "train_seconds", "sec_per_update", "loss_final", "peak_rss_mb")}
+        valid = v["log"]["valid"]
+        if valid:
+            out[s]["valid_last"] = valid[-1]
+    out["decode"] = stats["decode"]
+    return out
+
+
+def plot(work, stats):
+    """PNG plots; returns [(title, file)]. Plots are optional (no matplotlib: none), the numbers are not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     plots = []
-    try:
-        import matplotlib
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (m, s) in enumerate(stats.items()):
+        for stage, ls in (("pretrain_iter1", "-"), ("pretrain_iter2", "--")):
+            rows = s["stages"][stage]["log"]["inner"] or s["stages"][stage]["log"]["epochs"]
+            # iteration 2 counts its updates from 0 (fresh optimizer): plot it after iteration 1
+            offset = s["stages"]["pretrain_iter1"]["updates"] if stage == "pretrain_iter2" else 0
+            x = [offset + r["num_updates"] for r in rows]
+            # fairseq's hubert criterion logs correct_{m,u}_0 already divided by count_{m,u}_0
+            for ax, key in zip(axes, ("loss", "correct_m_0", "correct_u_0")):
+                ax.plot(x, [r.get(key) for r in rows], ls, color=f"C{i}", label=f"{m} {stage[9:]}")
+    for ax, t in zip(axes, ("pre-training loss", "masked accuracy", "unmasked accuracy")):
+        ax.set_title(t), ax.set_xlabel("updates"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(os.path.join(work, "pretrain_curves.png"), dpi=80), plt.close(fig)
+    plots.append(("Pre-training (train, logged every few updates; iteration 2, dashed, follows iteration 1)",
+                  "pretrain_curves.png"))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (m, s) in enumerate(stats.items()):
+        log = s["stages"]["finetune"]["log"]
+        rows = log["inner"] or log["epochs"]
+        axes[0].plot([r["num_updates"] for r in rows], [r.get("loss") for r in rows], color=f"C{i}", label=m)
+        axes[1].plot([r["num_updates"] for r in log["valid"]], [r.get("uer") for r in log["valid"]], "o-",
+                     color=f"C{i}", label=f"{m} letter error")
+        axes[1].plot([r["num_updates"] for r in log["valid"]], [r.get("wer") for r in log["valid"]], "s--",
+                     color=f"C{i}", label=f"{m} WER")
+    axes[0].set_title("fine-tuning CTC loss (train)"), axes[1].set_title("fine-tuning: valid error rates (%)")
+    for ax in axes:
+        ax.set_xlabel("updates"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(os.path.join(work, "finetune_curves.png"), dpi=80), plt.close(fig)
+    plots.append(("Fine-tuning (letters CTC)", "finetune_curves.png"))
 
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for m, (c1, c2, _) in curves.items():
-            for it, c in ((1, c1), (2, c2)):
-                if not c:
-                    continue
-                x = [r[0] for r in c]
-                ls = "-" if it == 1 else "--"
-                axes[0].plot(x, [r[1] for r in c], ls, label=f"{m} iter {it}")
-                axes[1].plot(x, [r[2] for r in c], ls, label=f"{m} iter {it}")
-                axes[2].plot(x, [r[3] for r in c], ls, label=f"{m} iter {it}")
-        for ax, t in zip(axes, ("pre-training loss", "masked accuracy", "unmasked accuracy")):
-            ax.set_title(t), ax.set_xlabel("updates"), ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(work, "pretrain_curves.png"), dpi=80)
-        plots.append(("Pre-training curves (train, logged every few updates)", "pretrain_curves.png"))
+    names = list(stats)
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.5))
+    for ax, key, t in zip(axes, ("wer_test", "cer_test", "sec_per_update", "peak_rss_mb", "params"),
+                          ("test WER (%)", "test CER (%)", "pre-training sec/update", "peak RSS (MB)", "parameters")):
+        vals = [stats[n][key] or 0 for n in names]
+        ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(t)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
+    fig.tight_layout(), fig.savefig(os.path.join(work, "comparison.png"), dpi=80), plt.close(fig)
+    plots.append(("WER, CER, speed, memory, size", "comparison.png"))
+    return plots
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m, (_, _, cf) in curves.items():
-            if cf:
-                ax.plot([r[0] for r in cf], [r[1] for r in cf], label=m)
-        ax.set_title("fine-tuning CTC loss"), ax.set_xlabel("updates"), ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(work, "finetune_loss.png"), dpi=80)
-        plots.append(("Fine-tuning CTC loss", "finetune_loss.png"))
 
-        names = list(res)
-        fig, axes = plt.subplots(1, 4, figsize=(15, 3.5))
-        for ax, key, t in zip(axes, ("wer_test", "sec_per_update", "peak_rss_mb", "params"),
-                              ("test WER (%)", "pre-training sec/update", "peak RSS (MB)", "parameters")):
-            vals = [res[n][key] or 0 for n in names]
-            ax.bar(names, vals, color=["C0", "C1", "C2"][: len(names)])
-            ax.set_title(t)
-            for i, v in enumerate(vals):
-                ax.text(i, v, f"{v:.3g}", ha="center", va="bottom")
-        fig.tight_layout()
-        fig.savefig(os.path.join(work, "comparison.png"), dpi=80)
-        plots.append(("WER, speed, memory, size", "comparison.png"))
-    except Exception as err:  # plots are optional; the numbers are not
-        print(f"[make_report] plots skipped: {err!r}", file=sys.stderr)
+def fmt(v, p=2):
+    return "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.{p}f}")
 
-    fmt = lambda v, p=2: "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.{p}f}")
+
+def markdown(work, stats, plots, wall, settings, load, seconds):
     lines = ["# fairseq_mamba demo report", ""]
     if wall is not None:
-        lines.append(f"Wall time of this run (setup included): **{wall / 60:.1f} min** ({wall:.0f} s).")
+        lines.append(f"Wall time of this run (set-up included): **{wall / 60:.1f} min** ({wall:.0f} s).")
+    if load:
+        lines.append(f"Machine load (`uptime`) at the start and end of the run: {load}")
     if settings:
         lines.append(f"Settings: `{json.dumps(settings)}`")
     lines += ["", "| model | params | test WER % | test CER % | pre-train sec/update | peak RSS MB | final pre-train loss |",
               "|---|---|---|---|---|---|---|"]
-    for m, r in res.items():
+    for m, r in stats.items():
         lines.append(f"| {m} | {fmt(r['params'])} | {fmt(r['wer_test'])} | {fmt(r['cer_test'])} | "
                      f"{fmt(r['sec_per_update'])} | {fmt(r['peak_rss_mb'], 0)} | {fmt(r['pretrain_loss_final'], 3)} |")
-    lines += ["", "Every number above is parsed from this run's logs (`pretrain/*/train.log`, `peak_rss_mb.txt`, "
-              "`finetune/*/train.log`, `decode/*/test.json`); all of them are also in `results.json`.",
-              "sec/update = summed `train_wall` of the iteration-1 epochs / updates; peak RSS = largest process of "
-              "the pre-training runs; WER/CER from `fairseq_mamba/decode.py` (Viterbi CTC best path, no LM).", ""]
-    wers = [r["wer_test"] for r in res.values() if r["wer_test"] is not None]
-    if wers and min(wers) > 40:
-        lines += ["**WER is far from the <40% target at this budget.** Pre-training and letters-CTC fine-tuning "
-                  "of tiny models for a few hundred CPU updates do not get there; scale it up, e.g. "
-                  "`DEMO_SCALE=8 bash run_scripts/demo.sh` (all train utterances, 8x updates; about 8x the "
-                  "training time), or set `PT1_UPDATES`, `FT_UPDATES` directly.", ""]
+    lines += ["", "| model | stage | updates | train seconds | sec/update | final train loss | peak RSS MB |",
+              "|---|---|---|---|---|---|---|"]
+    for m, r in stats.items():
+        for s in STAGES:
+            v = r["stages"][s]
+            lines.append(f"| {m} | {s} | {v['updates']} | {fmt(v['train_seconds'], 0)} | {fmt(v['sec_per_update'])} | "
+                         f"{fmt(v['loss_final'], 3)} | {fmt(v['peak_rss_mb'], 0)} |")
+    if seconds:
+        lines += ["", "Seconds per stage (`stage_seconds.tsv`; with PARALLEL=1 the two models' stages overlap; "
+                  "CPU = user + sys summed over the stage's processes; for a one-process, one-thread stage that is its wall "
+                  "time on an idle machine):",
+                  "", "| stage | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {k} | {v['wall']:.0f} | {fmt(v['cpu'], 0)} |" for k, v in seconds.items()]
+    lines += ["", "Every number above is parsed from this run's logs (`pretrain/*/train.log`, `finetune/*/train.log`, "
+              "`*/peak_rss_mb.txt`, `decode/*/test.json`); `results.json` and `details.json` hold them too. "
+              "sec/update = summed `train_wall` of the pre-training epochs (both iterations; no validation or "
+              "checkpointing) / updates; peak RSS = the largest training process of the model's stages; WER/CER "
+              "from `fairseq_mamba/decode.py` (Viterbi CTC best path, no LM) on the test split "
+              "(24% of its word tokens never occur in train).", ""]
+    over = [m for m, r in stats.items() if r["wer_test"] is not None and r["wer_test"] >= 40]
+    if over:
+        lines += [f"Test WER of {', '.join(over)} is not under the 40% aim at this scale (DEMO_SCALE="
+                  f"{settings.get('DEMO_SCALE', '?')}); more updates get there: README, \"The demo\", "
+                  "gives the DEMO_SCALE run that does and its numbers.", ""]
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    for m in res:
-        hyp = os.path.join(work, "decode", m, "test.hyp")
-        ref = os.path.join(work, "decode", m, "test.ref")
-        if os.path.exists(hyp):
+    if os.path.exists(os.path.join(work, "mi", "layer_mi.png")):
+        lines += ["## Mutual information per layer (stage 09, test split)", "",
+                  "Nats, per layer (0 = the front-end's output): `mi/layer_mi.csv`; estimators and how to read "
+                  "the curves: README, \"Mutual-information analysis\".", "",
+                  "![MI per layer](mi/layer_mi.png)", ""]
+        for m in stats:
+            mi = results_entry(work, m, stats).get("mi", {})
+            lines += [f"- {m}: " + "; ".join(f"{t} " + " ".join(f"{v:.2f}" for v in vals) for t, vals in mi.items())]
+        lines.append("")
+    for m in stats:
+        hyp, ref = (os.path.join(work, "decode", m, f"test.{x}") for x in ("hyp", "ref"))
+        if os.path.exists(hyp) and os.path.exists(ref):
             lines += [f"### {m}: first test utterances", "", "```"]
-            for r, h in list(zip(open(ref).read().splitlines(), open(hyp).read().splitlines()))[:3]:
+            for r, h in list(zip(open(ref).read().splitlines(), open(hyp).read().splitlines()))[:4]:
                 lines += [f"REF: {r}", f"HYP: {h}"]
             lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main(work, models):
+    stats = {m: model_stats(work, m) for m in models}
+    wall = read_float(os.path.join(work, "wall_seconds.txt"))
+    settings = read_json(os.path.join(work, "settings.json"))
+    load = open(os.path.join(work, "load.txt")).read().strip().replace("\n", "; ") \
+        if os.path.exists(os.path.join(work, "load.txt")) else ""
+    results = {"models": {m: results_entry(work, m, s) for m, s in stats.items()}}
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    seconds = stage_seconds(work)
+    details = {"models": {m: details_entry(s) for m, s in stats.items()}, "wall_seconds": wall,
+               "stage_seconds": seconds, "settings": settings, "load": load}
+    with open(os.path.join(work, "details.json"), "w") as f:
+        json.dump(details, f, indent=1)
+    try:
+        plots = plot(work, stats)
+    except Exception as err:  # plots are optional; the numbers are not
+        print(f"[make_report] plots skipped: {err!r}", file=sys.stderr)
+        plots = []
     with open(os.path.join(work, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    print(json.dumps({"models": {m: {k: res[m][k] for k in ("params", "wer_test", "cer_test", "sec_per_update",
-                                                            "peak_rss_mb", "pretrain_loss_final")} for m in res}}))
+        f.write(markdown(work, stats, plots, wall, settings, load, seconds))
+    print(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":

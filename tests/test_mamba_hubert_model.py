@@ -120,6 +120,24 @@ def test_base_config_is_within_ten_percent_of_hubert_base():
     assert abs(n_ours / n_stock - 1) < 0.10 and abs(n_ours / 95e6 - 1) < 0.10
 
 
+def test_tiny_cpu_configs_are_twins_within_ten_percent():
+    """The demo's models: same depth, width and front-end, parameter counts within 10%."""
+    ours = model_from_yaml("mamba_hubert_tiny_cpu", MambaHubertModel, MambaHubertConfig)
+    stock = model_from_yaml("hubert_tiny_cpu", HubertModel, HubertConfig)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_stock = sum(p.numel() for p in stock.parameters())
+    print(f"parameters: mamba_hubert_tiny_cpu {n_ours:,}, hubert_tiny_cpu {n_stock:,}")
+    assert len(ours.encoder.layers) == len(stock.encoder.layers)
+    yaml = lambda name: OmegaConf.load(REPO / "examples" / "pretrain" / f"{name}.yaml")
+    a, b = yaml("mamba_hubert_tiny_cpu"), yaml("hubert_tiny_cpu")
+    for key in ("encoder_embed_dim", "conv_feature_layers", "extractor_mode", "final_dim", "mask_prob"):
+        assert a.model[key] == b.model[key], key
+    for section in ("task", "dataset", "optimization", "optimizer", "lr_scheduler"):  # same schedule
+        assert a[section] == b[section], section
+    assert {**a.criterion, "_name": None} == {**b.criterion, "_name": None}  # same loss weights
+    assert abs(n_ours / n_stock - 1) < 0.10
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("mamba_d_state", 0, "mamba_d_state=0"),
     ("mamba_dt_rank", "big", "mamba_dt_rank='big'"),

@@ -137,12 +137,9 @@ def test_dump_hubert_feature_on_mamba_hubert(work, pretrained):
 def test_hubert_ctc_builds_from_our_checkpoint(work, pretrained):
     from omegaconf import OmegaConf
 
-    import fairseq_mamba  # noqa: F401
+    import fairseq_mamba  # noqa: F401  (also fixes hubert_ctc's config)
     from fairseq import tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: F401
-    from fairseq_mamba.upstream import patch_hubert_ctc
 
-    patch_hubert_ctc()
     cfg = OmegaConf.load(REPO / "examples" / "finetune" / "mamba_hubert_tiny_cpu.yaml")
     task_cfg = cfg.task
     task_cfg.data = task_cfg.label_dir = str(work / "data")
@@ -163,10 +160,32 @@ def test_hubert_ctc_builds_from_our_checkpoint(work, pretrained):
     assert lp.shape[1:] == (1, len(task.target_dictionary)) and 45 < lp.shape[0] < 105
 
 
+def test_user_dir_import_fixes_hubert_ctc_once():
+    """Importing the user dir alone makes fairseq 0.12's hubert_ctc buildable (07 runs plain
+    fairseq-hydra-train); a second fix, or a fairseq that has the field, leaves it untouched."""
+    code = (
+        "from dataclasses import fields\n"
+        "from fairseq.models import MODEL_DATACLASS_REGISTRY as R\n"
+        "from fairseq.models.hubert import hubert_asr\n"
+        "before = R['hubert_ctc']\n"
+        "import fairseq_mamba\n"
+        "from fairseq_mamba.upstream import patch_hubert_ctc\n"
+        "fixed = R['hubert_ctc']\n"
+        "print('field before', 'autoregressive' in {f.name for f in fields(before)})\n"
+        "print('fixed', fixed is not before, fixed().autoregressive, getattr(hubert_asr.HubertCtc, '__dataclass') is fixed)\n"
+        "print('again', patch_hubert_ctc(), R['hubert_ctc'] is fixed)\n"
+    )
+    out = run([PY, "-c", code]).stdout
+    if "field before True" in out:  # a fairseq that defines the field itself: nothing replaced
+        assert "fixed False" in out and "again False True" in out
+    else:
+        assert "fixed True False True" in out and "again False True" in out
+
+
 def test_decode_maths():
     from fairseq_mamba.decode import ctc_best_path, edit_distance, error_rates, letters_to_words
 
-    assert ctc_best_path([0, 5, 5, 0, 5, 6, 6, 1, 0], blank=0, pad=1) == [5, 5, 6]
+    assert ctc_best_path([0, 5, 5, 0, 5, 6, 6, 1, 2, 0], blank=0, drop=(1, 2)) == [5, 5, 6]
     assert letters_to_words(list("AB|C|")) == "AB C"
     assert edit_distance("kitten", "sitting") == 3
     assert edit_distance([], ["a"]) == 1
@@ -183,10 +202,17 @@ def test_end_to_end_chain(work, pretrained):
         stage("03_kmeans.sh", work / "hfeat", work / "km2.bin", 5)
         stage("04_labels.sh", work / "hfeat", work / "km2.bin", work / "lab2")
     pt2 = work / "pt_mamba_hubert_2"
-    stage("05_pretrain.sh", "mamba_hubert", 2, work / "data", work / "lab2", pt2,
-          "optimization.max_update=1", "lr_scheduler.warmup_updates=1")
+    args = ("mamba_hubert", 2, work / "data", work / "lab2", pt2, "optimization.max_update=1",
+            "lr_scheduler.warmup_updates=1")
+    stage("05_pretrain.sh", *args)
     assert "'label_rate': 50.0" in (pt2 / "train.log").read_text()  # 05 derived it from the labels
-    assert "skipping" in stage("05_pretrain.sh", "mamba_hubert", 2, work / "data", work / "lab2", pt2).stderr
+    assert "skipping" in stage("05_pretrain.sh", *args).stderr
+    # other settings for a finished run: refused (FORCE=1 redoes it), the checkpoint left as it was
+    before = (pt2 / "checkpoints" / "checkpoint_last.pt").stat().st_mtime_ns
+    p = subprocess.run(["bash", str(REPO / "run_scripts" / "05_pretrain.sh"), *map(str, args[:-2]),
+                        "optimization.max_update=3"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    assert p.returncode == 1 and "was made from other inputs or settings" in p.stderr, p.stderr
+    assert (pt2 / "checkpoints" / "checkpoint_last.pt").stat().st_mtime_ns == before
     assert float((pt2 / "peak_rss_mb.txt").read_text()) > 100
     ft = work / "ft"
     stage("07_finetune.sh", "mamba_hubert", pt2 / "checkpoints" / "checkpoint_last.pt", work / "data", ft,
