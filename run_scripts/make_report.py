@@ -6,9 +6,9 @@ WORK/settings.json, WORK/load.txt, WORK/setup_seconds.txt and WORK/stage_seconds
 the run as a whole.  Nothing is typed in: a missing log
 gives null (n/a in the report).
 
-results.json is exactly {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
-pretrain_loss_final}}}; details.json adds per-stage numbers, wall time and settings.  A later stage's
-per-model numbers (say WORK/mi/mi.json) go into results.json by one more entry in `results_entry`.
+results.json is {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
+pretrain_loss_final, mi}}}, "mi" ({"layer0"|"mfcc"|"units"|"phones": one value per layer}) from
+stage 09's WORK/mi/layer_mi.json when it ran; details.json adds per-stage numbers, wall time and settings.
 """
 import json
 import os
@@ -244,7 +244,7 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
                   "the curves: README, \"Mutual-information analysis\".", "",
                   "![MI per layer](mi/layer_mi.png)", ""]
         for m in stats:
-            mi = results_entry(work, m, stats).get("mi", {})
+            mi = results_entry(work, m, stats[m]).get("mi", {})
             lines += [f"- {m}: " + "; ".join(f"{t} " + " ".join(f"{v:.2f}" for v in vals) for t, vals in mi.items())]
         lines.append("")
     for m in stats:

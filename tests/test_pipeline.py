@@ -221,3 +221,18 @@ def test_end_to_end_chain(work, pretrained):
     res = json.loads((work / "dec" / "test.json").read_text())
     assert res["utterances"] == 2 and 0 <= res["wer"] and 0 <= res["cer"]
     assert len((work / "dec" / "test.hyp").read_text().splitlines()) == 2
+    # make_report on this chain laid out as demo.sh lays out a run: numbers read from its logs
+    w = work / "report"
+    for sub, src in (("pretrain/mamba_hubert_iter1", pretrained.parent.parent), ("pretrain/mamba_hubert_iter2", pt2),
+                     ("finetune/mamba_hubert", ft), ("decode/mamba_hubert", work / "dec")):
+        (w / sub).parent.mkdir(parents=True, exist_ok=True)
+        (w / sub).symlink_to(src)
+    mi = {"layer0": [3.0, 2.5, 2.0], "mfcc": [0.5, 0.4, 0.3], "units": [0.2, 0.2, 0.1], "phones": [0.3, 0.2, 0.2]}
+    (w / "mi").mkdir()
+    (w / "mi" / "layer_mi.json").write_text(json.dumps({"models": {"mamba_hubert": {**mi, "std": {}}}}))
+    run([PY, "run_scripts/make_report.py", w, "mamba_hubert"])
+    r = json.loads((w / "results.json").read_text())["models"]["mamba_hubert"]
+    assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == mi
+    assert r["params"] > 10000 and r["sec_per_update"] > 0 and r["peak_rss_mb"] > 100
+    assert r["pretrain_loss_final"] > 0
+    assert "mamba_hubert: layer0 3.00 2.50 2.00" in (w / "report.md").read_text()
