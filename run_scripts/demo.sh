@@ -9,7 +9,8 @@
 #                  finished stages, so an interrupted demo resumes)
 #   PT1_UPDATES, PT2_UPDATES, FT_UPDATES, K1, K2, TRAIN_UTTS: override the scale-derived sizes.
 # Stage 09 (MI per layer, both models) runs last. Writes WORK/report.md (+ PNG plots), WORK/results.json and WORK/details.json, numbers parsed from
-# this run's logs; WORK/stage_seconds.tsv holds every stage's wall seconds.
+# this run's logs; WORK/stage_seconds.tsv holds every stage's wall seconds. A resumed demo appends
+# its seconds (setup_seconds.txt, wall_seconds.txt, one line per invocation), and the report sums them.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -36,9 +37,9 @@ cat >"$W/settings.json" <<JSON
 {"DEMO_SCALE": $S, "MODELS": "$MODELS", "PARALLEL": $PARALLEL, "TRAIN_UTTS": "${TRAIN_UTTS:-all}",
  "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2}
 JSON
-uptime >"$W/load.txt"
+uptime >>"$W/load.txt"
 echo "[demo] scale $S: pre-train $PT1 + $PT2 updates, fine-tune $FT updates, models: $MODELS (parallel: $PARALLEL)"
-echo "$(( $(date +%s) - t_start ))" >"$W/setup_seconds.txt"
+echo "$(( $(date +%s) - t_start ))" >>"$W/setup_seconds.txt"
 
 step() { echo "[demo $(date +%H:%M:%S) +$(( $(date +%s) - t_start ))s] $*"; }
 # timed NAME cmd...: run a stage, appending "NAME wall user sys" seconds (its processes and their
@@ -89,7 +90,7 @@ chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_la
     checkpoint.save_interval_updates="$FT" dataset.validate_interval=1000 dataset.validate_interval_updates=$((FT / 4 > 0 ? FT / 4 : 1))
   step "08 decode $m (test)"
   q "08_decode_$m" bash run_scripts/08_decode.sh "$W/finetune/$m/checkpoints/checkpoint_best.pt" "$W/data" test "$W/decode/$m"
-  step "$m: $(tail -1 "$W/logs/08_decode_$m.log")"
+  step "$m: $(tr -d '\n' <"$W/decode/$m/test.json")"
 }
 
 if [[ "$PARALLEL" == 1 ]]; then
@@ -108,6 +109,6 @@ KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$CORPUS/test.phn" MI_JOBS=2 \
   q 09_mi bash run_scripts/09_mi_analysis.sh "$W/data/test.tsv" "$W/mi" "${mi_ckpts[@]}"
 step "report"
 uptime >>"$W/load.txt"
-echo "$(( $(date +%s) - t_start ))" >"$W/wall_seconds.txt"
+echo "$(( $(date +%s) - t_start ))" >>"$W/wall_seconds.txt"
 "$PY" run_scripts/make_report.py "$W" $MODELS
 step "done: $W/report.md, $W/results.json"

@@ -53,6 +53,15 @@ def read_float(path):
         return None
 
 
+def read_sum(path):
+    """The sum of a file's numbers, one per line (demo.sh appends one per invocation), or None."""
+    try:
+        vals = [float(x) for x in open(path).read().split()]
+    except (OSError, ValueError):
+        return None
+    return sum(vals) if vals else None
+
+
 def read_json(path):
     try:
         return json.load(open(path))
@@ -64,16 +73,17 @@ def stage_seconds(work):
     """{stage: {"wall": s, "cpu": s or None}} from demo.sh's stage_seconds.tsv (name, wall, user, sys).
 
     CPU = user + sys of the stage's processes: with one thread per process, a quiet machine's wall
-    time.  A stage run twice (a resumed demo) keeps its last line."""
+    time.  A stage run again (a resumed demo: the part left, or a skip) adds its seconds."""
     out = {}
-    setup = read_float(os.path.join(work, "setup_seconds.txt"))
+    setup = read_sum(os.path.join(work, "setup_seconds.txt"))
     if setup is not None:
         out["setup"] = {"wall": setup, "cpu": None}
     path = os.path.join(work, "stage_seconds.tsv")
     for line in open(path) if os.path.exists(path) else []:
         f = line.split()
-        if len(f) >= 2:
-            out[f[0]] = {"wall": float(f[1]), "cpu": float(f[2]) + float(f[3]) if len(f) >= 4 else None}
+        if len(f) >= 4:
+            prev = out.get(f[0], {"wall": 0.0, "cpu": 0.0})
+            out[f[0]] = {"wall": prev["wall"] + float(f[1]), "cpu": prev["cpu"] + float(f[2]) + float(f[3])}
     return out
 
 
@@ -202,7 +212,9 @@ def fmt(v, p=2):
 def markdown(work, stats, plots, wall, settings, load, seconds):
     lines = ["# fairseq_mamba demo report", ""]
     if wall is not None:
-        lines.append(f"Wall time of this run (set-up included): **{wall / 60:.1f} min** ({wall:.0f} s).")
+        runs = len(open(os.path.join(work, "wall_seconds.txt")).read().split())
+        lines.append(f"Wall time of this run (set-up included): **{wall / 60:.1f} min** ({wall:.0f} s"
+                     + (f", summed over {runs} invocations of demo.sh" if runs > 1 else "") + ").")
     if load:
         lines.append(f"Machine load (`uptime`) at the start and end of the run: {load}")
     if settings:
@@ -238,14 +250,15 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
                   "gives the DEMO_SCALE run that does and its numbers.", ""]
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    if os.path.exists(os.path.join(work, "mi", "layer_mi.png")):
+    mis = {m: results_entry(work, m, stats[m]).get("mi") for m in stats}
+    if any(mis.values()):
         lines += ["## Mutual information per layer (stage 09, test split)", "",
-                  "Nats, per layer (0 = the front-end's output): `mi/layer_mi.csv`; estimators and how to read "
-                  "the curves: README, \"Mutual-information analysis\".", "",
-                  "![MI per layer](mi/layer_mi.png)", ""]
-        for m in stats:
-            mi = results_entry(work, m, stats[m]).get("mi", {})
-            lines += [f"- {m}: " + "; ".join(f"{t} " + " ".join(f"{v:.2f}" for v in vals) for t, vals in mi.items())]
+                  "Nats, per layer (0 = the encoder's input): `mi/layer_mi.csv`; estimators and how to read "
+                  "the curves: README, \"Mutual-information analysis\".", ""]
+        if os.path.exists(os.path.join(work, "mi", "layer_mi.png")):
+            lines += ["![MI per layer](mi/layer_mi.png)", ""]
+        lines += [f"- {m}: " + "; ".join(f"{t} " + " ".join(f"{v:.2f}" for v in vals) for t, vals in mi.items())
+                  for m, mi in mis.items() if mi]
         lines.append("")
     for m in stats:
         hyp, ref = (os.path.join(work, "decode", m, f"test.{x}") for x in ("hyp", "ref"))
@@ -259,7 +272,7 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
 
 def main(work, models):
     stats = {m: model_stats(work, m) for m in models}
-    wall = read_float(os.path.join(work, "wall_seconds.txt"))
+    wall = read_sum(os.path.join(work, "wall_seconds.txt"))
     settings = read_json(os.path.join(work, "settings.json"))
     load = open(os.path.join(work, "load.txt")).read().strip().replace("\n", "; ") \
         if os.path.exists(os.path.join(work, "load.txt")) else ""

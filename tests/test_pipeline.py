@@ -233,6 +233,7 @@ def test_end_to_end_chain(work, pretrained):
     run([PY, "run_scripts/make_report.py", w, "mamba_hubert"])
     r = json.loads((w / "results.json").read_text())["models"]["mamba_hubert"]
     assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == mi
-    assert r["params"] > 10000 and r["sec_per_update"] > 0 and r["peak_rss_mb"] > 100
+    # train_wall of 1-2 update runs rounds to 0 s in fairseq's log, hence >= 0
+    assert r["params"] > 10000 and r["sec_per_update"] >= 0 and r["peak_rss_mb"] > 100
     assert r["pretrain_loss_final"] > 0
     assert "mamba_hubert: layer0 3.00 2.50 2.00" in (w / "report.md").read_text()
