@@ -16,6 +16,8 @@ config=${CONFIG:-${model}_tiny_cpu}
 stamp="pretrain $model iter $iter $config $* on $data ($(fingerprint "$data/train.tsv" "$data/valid.tsv")) \
 labels $labels ($(fingerprint "$labels/train.km" "$labels/valid.km" "$labels/dict.km.txt"))"
 needs_run "$out/.done" "$stamp" "pre-training in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
+# FORCE=1 over a finished run: start afresh (fairseq would resume from its checkpoint_last.pt)
+if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
 mkdir -p "$out"
 # label rate from the labels themselves: 100 Hz for MFCC labels (iteration 1), the model's frame
 # rate (e.g. 50 Hz for a 320x conv stride) for labels from its own features (iteration 2)

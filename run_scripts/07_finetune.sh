@@ -16,6 +16,8 @@ config=${CONFIG:-${model}_tiny_cpu}
 stamp="finetune $model $config $* from $ckpt ($(fingerprint "$ckpt")) \
 on $data ($(fingerprint "$data/train.tsv" "$data/train.ltr" "$data/dict.ltr.txt"))"
 needs_run "$out/.done" "$stamp" "fine-tuning in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
+# FORCE=1 over a finished run: start afresh (fairseq would resume from its checkpoint_last.pt)
+if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
 mkdir -p "$out"
 log "fine-tuning $ckpt ($config) -> $out"
 cd "$ROOT"

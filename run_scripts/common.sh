@@ -16,7 +16,7 @@ abspath() { "$PY" -c 'import os,sys; print(os.path.abspath(sys.argv[1]))' "$1"; 
 #     returns 1 (skip: "LABEL done, skipping") when MARKER holds STAMP; 0 (do the work) when there
 #     is no MARKER, saying so when some OUTPUT already exists (a partial run, which the caller
 #     redoes); when MARKER holds another STAMP the outputs came from other inputs: stops with an
-#     error, unless FORCE=1, which redoes the work and says so.
+#     error, unless FORCE=1, which redoes the work, says so and sets FORCED=1.
 #   mark_done MARKER STAMP: record completion, atomically.
 #   fingerprint FILE...: 16 hex digits from the files' contents (size and mtime above 50 MB).
 needs_run() {
@@ -32,6 +32,7 @@ needs_run() {
     fi
     log "FORCE=1: redoing $label (was made from: $(cat "$marker"))"
     rm -f "$marker"
+    FORCED=1  # for the caller: outputs a rerun would resume from (a training run's checkpoints) must go
     return 0
   fi
   for out in "$@"; do

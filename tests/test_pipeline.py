@@ -213,6 +213,16 @@ def test_end_to_end_chain(work, pretrained):
                         "optimization.max_update=3"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert p.returncode == 1 and "was made from other inputs or settings" in p.stderr, p.stderr
     assert (pt2 / "checkpoints" / "checkpoint_last.pt").stat().st_mtime_ns == before
+    # FORCE=1 redoes it from scratch, not by resuming the finished run's checkpoint_last.pt
+    env = {**subprocess_env(), "FORCE": "1"}
+    p = subprocess.run(["bash", str(REPO / "run_scripts" / "05_pretrain.sh"), *map(str, args[:-2]),
+                        "optimization.max_update=2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and "FORCE=1: redoing" in p.stderr, p.stderr
+    log = (pt2 / "train.log").read_text()
+    assert "No existing checkpoint found" in log and "Loaded checkpoint" not in log
+    assert "done training" in log
+    ckpt = torch.load(pt2 / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["optimizer_history"][-1]["num_updates"] == 2
     assert float((pt2 / "peak_rss_mb.txt").read_text()) > 100
     ft = work / "ft"
     stage("07_finetune.sh", "mamba_hubert", pt2 / "checkpoints" / "checkpoint_last.pt", work / "data", ft,
