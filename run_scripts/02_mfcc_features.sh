@@ -8,16 +8,5 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 2 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
 tsv=$(abspath "$1"); feat=$(abspath "$2"); nshard=${3:-1}; rank=${4:-all}
-mkdir -p "$feat"
-ranks=$([[ "$rank" == all ]] && seq 0 $((nshard - 1)) || echo "$rank")
-for split in ${SPLITS:-train valid}; do
-  stamp="mfcc of $tsv/$split.tsv ($(fingerprint "$tsv/$split.tsv"))"
-  for r in $ranks; do
-    base="$feat/${split}_${r}_${nshard}"
-    needs_run "$base.done" "$stamp" "$split shard $r/$nshard" "$base.npy" "$base.len" || continue
-    rm -f "$base.npy" "$base.len"
-    log "MFCC $split shard $r/$nshard"
-    upstream dump_mfcc_feature "$tsv" "$split" "$nshard" "$r" "$feat"
-    mark_done "$base.done" "$stamp"
-  done
-done
+dump() { upstream dump_mfcc_feature "$tsv" "$1" "$nshard" "$2" "$feat"; }
+feature_shards "$tsv" "$feat" "$nshard" "$rank" "MFCC"

@@ -16,9 +16,6 @@ config=${CONFIG:-${model}_tiny_cpu}
 stamp="pretrain $model iter $iter $config $* on $data ($(fingerprint "$data/train.tsv" "$data/valid.tsv")) \
 labels $labels ($(fingerprint "$labels/train.km" "$labels/valid.km" "$labels/dict.km.txt"))"
 needs_run "$out/.done" "$stamp" "pre-training in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
-# FORCE=1 over a finished run: start afresh (fairseq would resume from its checkpoint_last.pt)
-if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
-mkdir -p "$out"
 # label rate from the labels themselves: 100 Hz for MFCC labels (iteration 1), the model's frame
 # rate (e.g. 50 Hz for a 320x conv stride) for labels from its own features (iteration 2)
 rate=$("$PY" - "$data/train.tsv" "$labels/train.km" <<'PYEOF'
@@ -31,14 +28,6 @@ print(min((100, 50, 25, 200), key=lambda r: abs(r - rate)))
 PYEOF
 )
 log "pre-training $model iteration $iter ($config, labels at $rate Hz) -> $out"
-cd "$ROOT"
-# one progress line per logged update / validation (run_scripts/progress.py); the full log is train.log
-tag="pre-train $model iter $iter" total=""
-for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
-"$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
-  "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/pretrain --config-name "$config" \
-  task.data="$data" task.label_dir="$labels" common.user_dir=fairseq_mamba \
-  model.label_rate="$rate" hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
-[[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
-  || { echo "pre-training failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
+hydra_train "pre-train $model iter $iter" "$out" examples/pretrain "$config" task.data="$data" \
+  task.label_dir="$labels" common.user_dir=fairseq_mamba model.label_rate="$rate" "$@"
 mark_done "$out/.done" "$stamp"

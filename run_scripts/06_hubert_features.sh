@@ -16,18 +16,5 @@ import sys, torch, fairseq_mamba
 cfg = torch.load(sys.argv[1], map_location="cpu", weights_only=False)["cfg"]
 print(max(1, cfg["model"]["encoder_layers"] // 2))' "$ckpt")
 fi
-mkdir -p "$feat"
-ranks=$([[ "$rank" == all ]] && seq 0 $((nshard - 1)) || echo "$rank")
-ckpt_print=$(fingerprint "$ckpt")
-for split in ${SPLITS:-train valid}; do
-  stamp="layer $layer of $ckpt ($ckpt_print) on $tsv/$split.tsv ($(fingerprint "$tsv/$split.tsv"))"
-  for r in $ranks; do
-    base="$feat/${split}_${r}_${nshard}"
-    needs_run "$base.done" "$stamp" "$split shard $r/$nshard" "$base.npy" "$base.len" || continue
-    rm -f "$base.npy" "$base.len"
-    log "features of $ckpt layer $layer: $split shard $r/$nshard"
-    upstream dump_hubert_feature "$tsv" "$split" "$ckpt" "$layer" "$nshard" "$r" "$feat" \
-      --max_chunk "${MAX_CHUNK:-1600000}"
-    mark_done "$base.done" "$stamp"
-  done
-done
+dump() { upstream dump_hubert_feature "$tsv" "$1" "$ckpt" "$layer" "$nshard" "$2" "$feat" --max_chunk "${MAX_CHUNK:-1600000}"; }
+feature_shards "$tsv" "$feat" "$nshard" "$rank" "layer $layer of $ckpt ($(fingerprint "$ckpt"))"

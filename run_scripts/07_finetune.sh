@@ -16,18 +16,7 @@ config=${CONFIG:-${model}_tiny_cpu}
 stamp="finetune $model $config $* from $ckpt ($(fingerprint "$ckpt")) \
 on $data ($(fingerprint "$data/train.tsv" "$data/train.ltr" "$data/dict.ltr.txt"))"
 needs_run "$out/.done" "$stamp" "fine-tuning in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
-# FORCE=1 over a finished run: start afresh (fairseq would resume from its checkpoint_last.pt)
-if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
-mkdir -p "$out"
 log "fine-tuning $ckpt ($config) -> $out"
-cd "$ROOT"
-# one progress line per logged update / validation (run_scripts/progress.py); the full log is train.log
-tag="fine-tune $model" total=""
-for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
-"$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" \
-  "$(dirname "$PY")/fairseq-hydra-train" --config-dir examples/finetune --config-name "$config" \
-  task.data="$data" task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba \
-  hydra.run.dir="$out" "$@" 2>&1 | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
-[[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
-  || { echo "fine-tuning failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; exit 1; }
+hydra_train "fine-tune $model" "$out" examples/finetune "$config" task.data="$data" \
+  task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba "$@"
 mark_done "$out/.done" "$stamp"

@@ -49,3 +49,41 @@ fingerprint() {
     else stat -c '%n %s %Y' "$f"; fi
   done | md5sum | cut -c1-16
 }
+
+# hydra_train TAG OUT CONFIG_DIR CONFIG [overrides...] (stages 05, 07): fairseq-hydra-train from the
+# repo root into OUT (hydra.run.dir), its log appended to OUT/train.log, peak RSS in
+# OUT/peak_rss_mb.txt, one progress line per logged update and validation on stderr
+# (run_scripts/progress.py). An interrupted run resumes from OUT/checkpoints/checkpoint_last.pt;
+# after FORCE=1 (needs_run set FORCED) the old run's files go first, so it starts afresh. Fails,
+# with the log's tail, unless the run finished.
+hydra_train() {
+  local tag=$1 out=$2 cdir=$3 cname=$4 total="" a; shift 4
+  if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
+  mkdir -p "$out"
+  for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
+  (cd "$ROOT" && "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" "$(dirname "$PY")/fairseq-hydra-train" \
+    --config-dir "$cdir" --config-name "$cname" hydra.run.dir="$out" "$@") 2>&1 \
+    | tee -a "$out/train.log" | "$PY" "$ROOT/run_scripts/progress.py" "$tag" "$total" >&2 || true
+  [[ -f "$out/checkpoints/checkpoint_last.pt" ]] && grep -q "done training" "$out/train.log" \
+    || { echo "$tag failed, see $out/train.log" >&2; tail -20 "$out/train.log" >&2; return 1; }
+}
+
+# feature_shards TSV_DIR FEAT_DIR NSHARD RANK WHAT (stages 02, 06): for each split of $SPLITS
+# (default "train valid") and each shard r (RANK=all: every one), calls the caller's
+# `dump SPLIT r` to write FEAT_DIR/{split}_{r}_{NSHARD}.{npy,len}, unless that shard is complete
+# for the same WHAT (the features' inputs) and split manifest; a partial shard is redone.
+feature_shards() {
+  local tsv=$1 feat=$2 nshard=$3 rank=$4 what=$5 split r base stamp
+  mkdir -p "$feat"
+  for split in ${SPLITS:-train valid}; do
+    stamp="$what on $tsv/$split.tsv ($(fingerprint "$tsv/$split.tsv"))"
+    for r in $([[ "$rank" == all ]] && seq 0 $((nshard - 1)) || echo "$rank"); do
+      base="$feat/${split}_${r}_${nshard}"
+      needs_run "$base.done" "$stamp" "$split shard $r/$nshard" "$base.npy" "$base.len" || continue
+      rm -f "$base.npy" "$base.len"
+      log "$what: $split shard $r/$nshard"
+      dump "$split" "$r"
+      mark_done "$base.done" "$stamp"
+    done
+  done
+}

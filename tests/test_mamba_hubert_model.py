@@ -109,12 +109,18 @@ def model_from_yaml(name, model_cls, cfg_cls):
     return model_cls(cfg, HubertPretrainingConfig(label_rate=50), [dictionary])
 
 
+def twin_models(size):
+    """The mamba_hubert and hubert models of examples/pretrain/{model}_{size}.yaml and their
+    parameter counts."""
+    ours = model_from_yaml(f"mamba_hubert_{size}", MambaHubertModel, MambaHubertConfig)
+    stock = model_from_yaml(f"hubert_{size}", HubertModel, HubertConfig)
+    n_ours, n_stock = (sum(p.numel() for p in m.parameters()) for m in (ours, stock))
+    print(f"parameters: mamba_hubert_{size} {n_ours:,}, hubert_{size} {n_stock:,}")
+    return ours, stock, n_ours, n_stock
+
+
 def test_base_config_is_within_ten_percent_of_hubert_base():
-    ours = model_from_yaml("mamba_hubert_base_librispeech", MambaHubertModel, MambaHubertConfig)
-    stock = model_from_yaml("hubert_base_librispeech", HubertModel, HubertConfig)
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_stock = sum(p.numel() for p in stock.parameters())
-    print(f"parameters: mamba_hubert base {n_ours:,}, hubert base {n_stock:,}")
+    ours, stock, n_ours, n_stock = twin_models("base_librispeech")
     assert len(ours.encoder.layers) == len(stock.encoder.layers) == 12
     assert 90e6 < n_stock < 100e6
     assert abs(n_ours / n_stock - 1) < 0.10 and abs(n_ours / 95e6 - 1) < 0.10
@@ -122,11 +128,7 @@ def test_base_config_is_within_ten_percent_of_hubert_base():
 
 def test_tiny_cpu_configs_are_twins_within_ten_percent():
     """The demo's models: same depth, width and front-end, parameter counts within 10%."""
-    ours = model_from_yaml("mamba_hubert_tiny_cpu", MambaHubertModel, MambaHubertConfig)
-    stock = model_from_yaml("hubert_tiny_cpu", HubertModel, HubertConfig)
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_stock = sum(p.numel() for p in stock.parameters())
-    print(f"parameters: mamba_hubert_tiny_cpu {n_ours:,}, hubert_tiny_cpu {n_stock:,}")
+    ours, stock, n_ours, n_stock = twin_models("tiny_cpu")
     assert len(ours.encoder.layers) == len(stock.encoder.layers)
     yaml = lambda name: OmegaConf.load(REPO / "examples" / "pretrain" / f"{name}.yaml")
     a, b = yaml("mamba_hubert_tiny_cpu"), yaml("hubert_tiny_cpu")

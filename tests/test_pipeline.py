@@ -90,7 +90,7 @@ def test_mfcc_through_wrapper(work):
     # idempotent: complete shards are skipped; a partial one (no .done) is redone
     (work / "mfcc" / "valid_1_2.done").unlink()
     err = stage("02_mfcc_features.sh", work / "data", work / "mfcc", 2).stderr
-    assert "train shard 0/2 done, skipping" in err and "MFCC valid shard 1/2" in err
+    assert "train shard 0/2 done, skipping" in err and "MFCC: valid shard 1/2" in err
 
 
 def test_kmeans_and_labels(work):
