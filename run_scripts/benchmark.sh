@@ -4,4 +4,5 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
+bash run_scripts/setup_env.sh  # idempotent: seconds when .venv is ready, so it runs from a fresh clone
 exec "$root/.venv/bin/python" run_scripts/benchmark.py "$@"
