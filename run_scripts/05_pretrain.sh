@@ -15,7 +15,8 @@ case $iter in 1|2) ;; *) echo "ITER must be 1 or 2" >&2; exit 2;; esac
 config=${CONFIG:-${model}_tiny_cpu}
 stamp="pretrain $model iter $iter $config $* on $data ($(fingerprint "$data/train.tsv" "$data/valid.tsv")) \
 labels $labels ($(fingerprint "$labels/train.km" "$labels/valid.km" "$labels/dict.km.txt"))"
-needs_run "$out/.done" "$stamp" "pre-training in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
+# FORCE=1 removes the old run's checkpoints and log, so it starts afresh instead of resuming
+needs_run "$out/.done" "$stamp" "pre-training in $out" "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt" || exit 0
 # label rate from the labels themselves: 100 Hz for MFCC labels (iteration 1), the model's frame
 # rate (e.g. 50 Hz for a 320x conv stride) for labels from its own features (iteration 2)
 rate=$("$PY" - "$data/train.tsv" "$labels/train.km" <<'PYEOF'

@@ -15,7 +15,8 @@ model=$1; ckpt=$(abspath "$2"); data=$(abspath "$3"); out=$(abspath "$4"); shift
 config=${CONFIG:-${model}_tiny_cpu}
 stamp="finetune $model $config $* from $ckpt ($(fingerprint "$ckpt")) \
 on $data ($(fingerprint "$data/train.tsv" "$data/train.ltr" "$data/dict.ltr.txt"))"
-needs_run "$out/.done" "$stamp" "fine-tuning in $out" "$out/checkpoints/checkpoint_last.pt" || exit 0
+# FORCE=1 removes the old run's checkpoints and log, so it starts afresh instead of resuming
+needs_run "$out/.done" "$stamp" "fine-tuning in $out" "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt" || exit 0
 log "fine-tuning $ckpt ($config) -> $out"
 hydra_train "fine-tune $model" "$out" examples/finetune "$config" task.data="$data" \
   task.label_dir="$data" model.w2v_path="$ckpt" common.user_dir=fairseq_mamba "$@"

@@ -16,7 +16,8 @@ abspath() { "$PY" -c 'import os,sys; print(os.path.abspath(sys.argv[1]))' "$1"; 
 #     returns 1 (skip: "LABEL done, skipping") when MARKER holds STAMP; 0 (do the work) when there
 #     is no MARKER, saying so when some OUTPUT already exists (a partial run, which the caller
 #     redoes); when MARKER holds another STAMP the outputs came from other inputs: stops with an
-#     error, unless FORCE=1, which redoes the work, says so and sets FORCED=1.
+#     error, unless FORCE=1, which removes the OUTPUTs (so nothing resumes from them), says so,
+#     and has the caller redo the work.
 #   mark_done MARKER STAMP: record completion, atomically.
 #   fingerprint FILE...: 16 hex digits from the files' contents (size and mtime above 50 MB).
 needs_run() {
@@ -31,8 +32,7 @@ needs_run() {
       exit 1
     fi
     log "FORCE=1: redoing $label (was made from: $(cat "$marker"))"
-    rm -f "$marker"
-    FORCED=1  # for the caller: outputs a rerun would resume from (a training run's checkpoints) must go
+    rm -rf -- "$marker" "$@"
     return 0
   fi
   for out in "$@"; do
@@ -53,12 +53,10 @@ fingerprint() {
 # hydra_train TAG OUT CONFIG_DIR CONFIG [overrides...] (stages 05, 07): fairseq-hydra-train from the
 # repo root into OUT (hydra.run.dir), its log appended to OUT/train.log, peak RSS in
 # OUT/peak_rss_mb.txt, one progress line per logged update and validation on stderr
-# (run_scripts/progress.py). An interrupted run resumes from OUT/checkpoints/checkpoint_last.pt;
-# after FORCE=1 (needs_run set FORCED) the old run's files go first, so it starts afresh. Fails,
-# with the log's tail, unless the run finished.
+# (run_scripts/progress.py). An interrupted run resumes from OUT/checkpoints/checkpoint_last.pt.
+# Fails, with the log's tail, unless the run finished.
 hydra_train() {
   local tag=$1 out=$2 cdir=$3 cname=$4 total="" a; shift 4
-  if [[ "${FORCED:-0}" == 1 ]]; then rm -rf "$out/checkpoints" "$out/train.log" "$out/peak_rss_mb.txt"; fi
   mkdir -p "$out"
   for a in "$@"; do if [[ "$a" == optimization.max_update=* ]]; then total=${a#*=}; fi; done
   (cd "$ROOT" && "$PY" "$ROOT/run_scripts/peak_rss.py" "$out/peak_rss_mb.txt" "$(dirname "$PY")/fairseq-hydra-train" \

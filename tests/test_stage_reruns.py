@@ -49,6 +49,7 @@ def test_needs_run_protocol(tmp_path):
     assert "made from: stamp A" in err and "asked for: stamp B" in err and "FORCE=1" in err
     rc, err = bash(NEEDS_RUN, marker, "stamp B", out, env={"FORCE": "1"})
     assert "FORCE=1: redoing a shard (was made from: stamp A)" in err and "RUN" in err
+    assert not out.exists() and not marker.exists()  # the old outputs go: nothing resumes from them
 
 
 def test_fingerprint_follows_content(tmp_path):
