@@ -53,13 +53,12 @@ def read_float(path):
         return None
 
 
-def read_sum(path):
-    """The sum of a file's numbers, one per line (demo.sh appends one per invocation), or None."""
+def read_numbers(path):
+    """A file's numbers, one per line (demo.sh appends one per invocation); [] when unreadable."""
     try:
-        vals = [float(x) for x in open(path).read().split()]
+        return [float(x) for x in open(path).read().split()]
     except (OSError, ValueError):
-        return None
-    return sum(vals) if vals else None
+        return []
 
 
 def read_json(path):
@@ -75,9 +74,9 @@ def stage_seconds(work):
     CPU = user + sys of the stage's processes: with one thread per process, a quiet machine's wall
     time.  A stage run again (a resumed demo: the part left, or a skip) adds its seconds."""
     out = {}
-    setup = read_sum(os.path.join(work, "setup_seconds.txt"))
-    if setup is not None:
-        out["setup"] = {"wall": setup, "cpu": None}
+    setup = read_numbers(os.path.join(work, "setup_seconds.txt"))
+    if setup:
+        out["setup"] = {"wall": sum(setup), "cpu": None}
     path = os.path.join(work, "stage_seconds.tsv")
     for line in open(path) if os.path.exists(path) else []:
         f = line.split()
@@ -209,12 +208,12 @@ def fmt(v, p=2):
     return "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.{p}f}")
 
 
-def markdown(work, stats, plots, wall, settings, load, seconds):
+def markdown(work, stats, results, plots, walls, settings, load, seconds):
     lines = ["# fairseq_mamba demo report", ""]
-    if wall is not None:
-        runs = len(open(os.path.join(work, "wall_seconds.txt")).read().split())
+    if walls:
+        wall = sum(walls)
         lines.append(f"Wall time of this run (set-up included): **{wall / 60:.1f} min** ({wall:.0f} s"
-                     + (f", summed over {runs} invocations of demo.sh" if runs > 1 else "") + ").")
+                     + (f", summed over {len(walls)} invocations of demo.sh" if len(walls) > 1 else "") + ").")
     if load:
         lines.append(f"Machine load (`uptime`) at the start and end of the run: {load}")
     if settings:
@@ -251,7 +250,7 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
                   "\"The demo\"); no setting measured on a 2-core CPU has reached 40%.", ""]
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    mis = {m: results_entry(work, m, stats[m]).get("mi") for m in stats}
+    mis = {m: r.get("mi") for m, r in results["models"].items()}
     if any(mis.values()):
         lines += ["## Mutual information per layer (stage 09, test split)", "",
                   "Nats, per layer (0 = the encoder's input): `mi/layer_mi.csv`; estimators and how to read "
@@ -273,7 +272,7 @@ def markdown(work, stats, plots, wall, settings, load, seconds):
 
 def main(work, models):
     stats = {m: model_stats(work, m) for m in models}
-    wall = read_sum(os.path.join(work, "wall_seconds.txt"))
+    walls = read_numbers(os.path.join(work, "wall_seconds.txt"))
     settings = read_json(os.path.join(work, "settings.json"))
     load = open(os.path.join(work, "load.txt")).read().strip().replace("\n", "; ") \
         if os.path.exists(os.path.join(work, "load.txt")) else ""
@@ -281,7 +280,7 @@ def main(work, models):
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     seconds = stage_seconds(work)
-    details = {"models": {m: details_entry(s) for m, s in stats.items()}, "wall_seconds": wall,
+    details = {"models": {m: details_entry(s) for m, s in stats.items()}, "wall_seconds": sum(walls) if walls else None,
                "stage_seconds": seconds, "settings": settings, "load": load}
     with open(os.path.join(work, "details.json"), "w") as f:
         json.dump(details, f, indent=1)
@@ -291,7 +290,7 @@ def main(work, models):
         print(f"[make_report] plots skipped: {err!r}", file=sys.stderr)
         plots = []
     with open(os.path.join(work, "report.md"), "w") as f:
-        f.write(markdown(work, stats, plots, wall, settings, load, seconds))
+        f.write(markdown(work, stats, results, plots, walls, settings, load, seconds))
     print(json.dumps(results))
     return results
 
