@@ -39,6 +39,8 @@ setup(
         "cuda": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         # Everything the bundled pipeline and analysis use beyond training.
         "pipeline": ["scikit-learn", "joblib", "npy-append-array", "sentencepiece", "matplotlib"],
+        # Beam-search decoding with a letter n-gram LM (stage 08): flashlight's decoder and KenLM.
+        "lm": ["flashlight-text"],
         "test": ["pytest", "hypothesis"],
     },
 )

@@ -7,7 +7,8 @@ the run as a whole.  Nothing is typed in: a missing log
 gives null (n/a in the report).
 
 results.json is {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
-pretrain_loss_final, mi}}}, "mi" ({"layer0"|"mfcc"|"units"|"phones": one value per layer}) from
+pretrain_loss_final, wer_test_lm, cer_test_lm, mi}}} (wer/cer_test: Viterbi, no LM; *_lm: stage 08's
+letter-LM beam search), "mi" ({"layer0"|"mfcc"|"units"|"phones": one value per layer}) from
 stage 09's WORK/mi/layer_mi.json when it ran; details.json adds per-stage numbers, wall time and settings.
 """
 import json
@@ -17,7 +18,8 @@ import sys
 
 KV = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[= ]([-+]?[0-9][0-9.e+-]*)(?=,|\s*\||\s*$)")
 STAGES = ("pretrain_iter1", "pretrain_iter2", "finetune")
-RESULT_KEYS = ("params", "wer_test", "cer_test", "sec_per_update", "peak_rss_mb", "pretrain_loss_final")
+RESULT_KEYS = ("params", "wer_test", "cer_test", "sec_per_update", "peak_rss_mb", "pretrain_loss_final",
+               "wer_test_lm", "cer_test_lm")
 
 
 def parse_log(path):
@@ -120,6 +122,8 @@ def model_stats(work, m):
         "params": st["pretrain_iter1"]["params"],
         "wer_test": dec.get("wer"),
         "cer_test": dec.get("cer"),
+        "wer_test_lm": dec.get("lm", {}).get("wer"),
+        "cer_test_lm": dec.get("lm", {}).get("cer"),
         # pre-training (both iterations): training seconds per update
         "sec_per_update": sum(s["train_seconds"] for s in pre) / pre_updates if pre_updates else None,
         "peak_rss_mb": max(rss) if rss else None,
@@ -218,11 +222,18 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
         lines.append(f"Machine load (`uptime`) at the start and end of the run: {load}")
     if settings:
         lines.append(f"Settings: `{json.dumps(settings)}`")
-    lines += ["", "| model | params | test WER % | test CER % | pre-train sec/update | peak RSS MB | final pre-train loss |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | params | test WER % | test CER % | test WER % with LM | test CER % with LM | "
+              "pre-train sec/update | peak RSS MB | final pre-train loss |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in stats.items():
         lines.append(f"| {m} | {fmt(r['params'])} | {fmt(r['wer_test'])} | {fmt(r['cer_test'])} | "
+                     f"{fmt(r['wer_test_lm'])} | {fmt(r['cer_test_lm'])} | "
                      f"{fmt(r['sec_per_update'])} | {fmt(r['peak_rss_mb'], 0)} | {fmt(r['pretrain_loss_final'], 3)} |")
+    lm = {m: r["decode"]["lm"] for m, r in stats.items() if r["decode"].get("lm")}
+    if lm:
+        lines += ["", "WER/CER: Viterbi (CTC best path, no LM). *With LM*: beam search (no lexicon) with a letter "
+                  "6-gram LM estimated from the train transcripts; LM weight and word-boundary score chosen on the "
+                  "valid split: " + "; ".join(f"{m} {v['lm_weight']:g} and {v['sil_score']:g} (valid WER "
+                                               f"{v['tune_wer']:.2f})" for m, v in lm.items()) + "."]
     lines += ["", "| model | stage | updates | train seconds | sec/update | final train loss | peak RSS MB |",
               "|---|---|---|---|---|---|---|"]
     for m, r in stats.items():

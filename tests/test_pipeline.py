@@ -231,6 +231,13 @@ def test_end_to_end_chain(work, pretrained):
     res = json.loads((work / "dec" / "test.json").read_text())
     assert res["utterances"] == 2 and 0 <= res["wer"] and 0 <= res["cer"]
     assert len((work / "dec" / "test.hyp").read_text().splitlines()) == 2
+    # the letter-LM search: 6-gram of train.ltr, settings chosen on valid over the whole grid
+    lm = res["lm"]
+    assert lm["tuned_on"] == "valid" and len(lm["grid"]) == 15 and 0 <= lm["wer"] and 0 <= lm["cer"]
+    assert lm["tune_wer"] == min(g["wer"] for g in lm["grid"])
+    assert (lm["lm_weight"], lm["sil_score"]) in {(g["lm_weight"], g["sil_score"]) for g in lm["grid"]}
+    assert len((work / "dec" / "test.lm.hyp").read_text().splitlines()) == 2
+    assert "ngram 6=" in (work / "dec" / "letters_6gram.arpa").read_text()
     # make_report on this chain laid out as demo.sh lays out a run: numbers read from its logs
     w = work / "report"
     for sub, src in (("pretrain/mamba_hubert_iter1", pretrained.parent.parent), ("pretrain/mamba_hubert_iter2", pt2),
@@ -243,6 +250,7 @@ def test_end_to_end_chain(work, pretrained):
     run([PY, "run_scripts/make_report.py", w, "mamba_hubert"])
     r = json.loads((w / "results.json").read_text())["models"]["mamba_hubert"]
     assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == mi
+    assert (r["wer_test_lm"], r["cer_test_lm"]) == (lm["wer"], lm["cer"])
     # train_wall of 1-2 update runs rounds to 0 s in fairseq's log, hence >= 0
     assert r["params"] > 10000 and r["sec_per_update"] >= 0 and r["peak_rss_mb"] > 100
     assert r["pretrain_loss_final"] > 0
