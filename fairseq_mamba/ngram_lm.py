@@ -1,6 +1,9 @@
-"""A word n-gram LM in ARPA format, estimated from transcripts, for lexicon decoding.
+"""An n-gram LM in ARPA format, estimated from transcripts, for LM decoding (stage 08).
 
-    python -m fairseq_mamba.ngram_lm TRAIN.wrd OUT.arpa [--order 3] [--discount 0.75]
+    python -m fairseq_mamba.ngram_lm TRAIN.ltr OUT.arpa [--order 3] [--discount 0.75]
+
+Tokens are whatever the lines hold, split at whitespace: the letters and ``|`` of a ``.ltr`` file
+(a letter LM, as stage 08 uses, order 6) or the words of a ``.wrd`` file.
 
 KenLM's ``lmplz`` is a C++ binary that pip does not install; KenLM (as loaded by flashlight's
 decoder) reads ARPA files directly, so for the small transcript sets we decode with here a few
@@ -25,7 +28,7 @@ BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
 
 def read_sentences(path):
-    """Upper-case word lists, one per non-empty line; a line with no words is a ValueError."""
+    """Token lists, one per line; an empty line is a ValueError naming the file and line."""
     sentences = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -96,7 +99,7 @@ def write_arpa(model, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("transcripts", help="one upper-case transcript per line (e.g. train.wrd)")
+    p.add_argument("transcripts", help="one transcript per line, tokens split at whitespace (train.ltr, train.wrd)")
     p.add_argument("out", help="ARPA file to write")
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--discount", type=float, default=0.75)
