@@ -1,1 +1,2 @@
+from .hubert_ctc_head import HubertCtcHead, HubertCtcHeadConfig  # noqa: F401
 from .mamba_hubert import MambaEncoder, MambaHubertConfig, MambaHubertModel  # noqa: F401
