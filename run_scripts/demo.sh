@@ -36,7 +36,7 @@ for s in train valid test; do
 done
 cat >"$W/settings.json" <<JSON
 {"DEMO_SCALE": $S, "MODELS": "$MODELS", "PARALLEL": $PARALLEL, "TRAIN_UTTS": "${TRAIN_UTTS:-all}",
- "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2}
+ "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2, "HEAD": "$HEAD"}
 JSON
 uptime >>"$W/load.txt"
 echo "[demo] scale $S: pre-train $PT1 + $PT2 updates, fine-tune $FT updates, models: $MODELS (parallel: $PARALLEL)"
