@@ -7,8 +7,8 @@
 1. environment: GPU, torch, the kernel packages and why a kernel is missing;
 2. our scan (PyTorch path) against mamba-ssm's selective_scan_fn, fp32 and bf16, each also
    against the fp64 reference;
-3. every layer type's kernel path against its PyTorch path (padded batch, NaN padding, output
-   and all gradients), fp32 and bf16 model;
+3. every layer type's kernel path against its PyTorch path (padded batch with garbage padding,
+   output and all gradients), fp32 and bf16 model;
 4. two training updates of each base config in fp16 through fairseq's Trainer (dry run: the
    tiny configs in bf16), with the losses and the dtypes of the live parameters;
 5. one encoder layer's speed, Mamba types against fairseq's attention layer, 500-8000 frames.
@@ -132,8 +132,10 @@ def layer_parity(kernels, device, size):
                                       dropout=0.0).to(device, dtype).train()
             T = max(size["lengths"])
             mask = torch.arange(T)[None, :] >= torch.tensor(size["lengths"])[:, None]
+            # Finite garbage: NaN padding would poison both paths' gradients through the
+            # post-norm LayerNorm on padded frames (tests/test_mamba_layer.py checks NaN forwards).
             x = torch.randn(T, len(size["lengths"]), size["dim"]).masked_fill(
-                mask.t()[..., None], float("nan")).to(device, dtype)
+                mask.t()[..., None], 1e4).to(device, dtype)
             mask = mask.to(device)
             cot = torch.randn(x.shape).to(device, dtype).masked_fill(mask.t()[..., None], 0.0)
 
@@ -286,7 +288,7 @@ def report(results, dry_run):
           "", "## Scan: selective_scan_fn against our scan", "",
           table(results["scan"], ["dtype", "kernel_calls", "out", "last_state", "grads",
                                   "ours_vs_fp64", "kernel_vs_fp64", "ok"]),
-          "", "## Layers: kernel path against PyTorch path (padded, NaN padding)", "",
+          "", "## Layers: kernel path against PyTorch path (padded batch, padding 1e4)", "",
           table(results["layers"], ["bimamba_type", "dtype", "kernel_calls", "out", "grads", "ok"]),
           "", "## Two training updates of each config (fairseq's Trainer)", "",
           table(results["train"], ["config", "losses", "dtypes", "finite", "seconds", "ok"]),

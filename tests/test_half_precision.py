@@ -5,7 +5,6 @@ master weights in FP16Optimizer. The SSM parameters the kernels read in fp32 (A_
 bias) must stay fp32 through that cast. (fp16 needs common.fp16_no_flatten_grads=true on a CPU:
 fairseq's flattened fp16 master copy calls torch.cuda.current_device(); bf16 never flattens.)
 """
-import importlib.util
 import math
 
 import pytest
@@ -13,16 +12,9 @@ import torch
 
 from fairseq_mamba.modules.mamba_mixer import Mamba
 
-from conftest import REPO, write_tiny_dataset
+from conftest import load_run_script, write_tiny_dataset
 
 UPDATES = 5
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "run_scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,7 @@ def test_tiny_config_trains_in_half_precision(precision, dtype, one_batch, tmp_p
                  "optimization.lr=[0.002]", "lr_scheduler.warmup_updates=2", "model.dropout=0.0",
                  "model.dropout_input=0.0", "model.dropout_features=0.0",
                  "task.random_crop=false", *precision]
-    row = _gpu_check().fairseq_updates("mamba_hubert_tiny_cpu", overrides, UPDATES, tmp_path)
+    row = load_run_script("gpu_check").fairseq_updates("mamba_hubert_tiny_cpu", overrides, UPDATES, tmp_path)
     losses = row["losses"]
     assert len(losses) == UPDATES and all(map(math.isfinite, losses)), row
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses  # falling

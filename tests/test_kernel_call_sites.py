@@ -14,6 +14,8 @@ from fairseq_mamba import ops
 from fairseq_mamba.modules import BIMAMBA_TYPES, MambaEncoderLayer, build_mixer_cls
 from fairseq_mamba.ops.reference_kernels import KernelContractError, reference_kernels
 
+from conftest import load_run_script
+
 DIM = 32
 # Kernel path vs PyTorch path: fp32 differs by summation order only; fp64 runs our fp64 scan.
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
@@ -183,3 +185,20 @@ def test_stand_ins_reject_what_the_kernels_reject():
         kernels.causal_conv1d_fn(u, torch.randn(8, 4), torch.randn(8).half())
     with pytest.raises(KernelContractError, match="divisible by 8"):
         kernels.causal_conv1d_fn(torch.randn(1, 5, 12).transpose(1, 2), torch.randn(12, 4))
+
+
+def test_gpu_check_parity_and_speed_steps_run_on_cpu():
+    """run_scripts/gpu_check.py's --cpu-dry-run steps at tiny sizes (its training step is
+    tests/test_half_precision.py's): every parity row passes and the report renders."""
+    gpu_check = load_run_script("gpu_check")
+    size = dict(gpu_check.SIZES["cpu"], speed=(20,))
+    kernels = reference_kernels()
+    results = dict(environment=gpu_check.environment("cpu"), train=[], seconds=0.0,
+                   scan=gpu_check.scan_parity(kernels, "cpu", size["scan"]),
+                   layers=gpu_check.layer_parity(kernels, "cpu", size),
+                   speed=gpu_check.speed("cpu", size))
+    assert len(results["scan"]) == 2 and len(results["layers"]) == 2 * len(BIMAMBA_TYPES)
+    assert all(r["ok"] and r["kernel_calls"] for r in results["scan"] + results["layers"])
+    assert {r["layer"].split()[0] for r in results["speed"]} == {"attention", "mamba"}
+    md, ok = gpu_check.report(results, dry_run=True)
+    assert ok and "all checks passed" in md and "| mamba bimamba_type=external | 20 |" in md
