@@ -110,7 +110,8 @@ finetune() { local m=$1 v=$2 ck="$W/pretrain/${1}_iter2/checkpoints/checkpoint_l
     dataset.validate_interval=1000 dataset.validate_interval_updates=$((FT / 4 > 0 ? FT / 4 : 1)) "${extra[@]}"
   step "08 decode $m ($v, test)"
   q "08_decode_$name" bash run_scripts/08_decode.sh "$W/finetune/$name/checkpoints/checkpoint_best.pt" "$W/data" test "$W/decode/$name"
-  step "$m ($v): $(tr -d '\n' <"$W/decode/$name/test.json" | cut -c1-120)"
+  step "$m ($v): test $("$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); l = r.get("lm", {})
+print("WER %.2f CER %.2f, with LM: WER %s CER %s" % (r["wer"], r["cer"], l.get("wer"), l.get("cer")))' "$W/decode/$name/test.json")"
 }
 
 if [[ "$PARALLEL" == 1 ]]; then

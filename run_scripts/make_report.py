@@ -112,8 +112,14 @@ def stage_stats(work, m, stage):
 
 
 def model_stats(work, m):
-    """Every number of model m's run: per stage, decoding, and the summaries."""
+    """Every number of model m's run: per stage, decoding, and the summaries.
+
+    sec_per_update: CPU seconds (user + sys of the pre-training stages, demo.sh's stage_seconds.tsv)
+    per pre-training update, which several jobs sharing the cores do not inflate; without that file,
+    the logged train_wall per update."""
     st = {s: stage_stats(work, m, s) for s in STAGES}
+    seconds = stage_seconds(work)
+    cpu = [seconds.get(f"05_pretrain_{m}_{s[9:]}", {}).get("cpu") for s in STAGES[:2]]
     dec = read_json(os.path.join(work, "decode", m, "test.json"))
     pre = [st[s] for s in STAGES[:2] if st[s]["updates"]]
     pre_updates = sum(s["updates"] for s in pre)
@@ -128,7 +134,8 @@ def model_stats(work, m):
         "wer_test_lm": dec.get("lm", {}).get("wer"),
         "cer_test_lm": dec.get("lm", {}).get("cer"),
         # pre-training (both iterations): training seconds per update
-        "sec_per_update": sum(s["train_seconds"] for s in pre) / pre_updates if pre_updates else None,
+        "sec_per_update": (sum(cpu) if None not in cpu else sum(s["train_seconds"] for s in pre)) / pre_updates
+        if pre_updates else None,
         "peak_rss_mb": max(rss) if rss else None,
         "pretrain_loss_final": final,
     }
@@ -226,7 +233,7 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
     if settings:
         lines.append(f"Settings: `{json.dumps(settings)}`")
     lines += ["", "| model | params | test WER % | test CER % | test WER % with LM | test CER % with LM | "
-              "pre-train sec/update | peak RSS MB | final pre-train loss |", "|---|---|---|---|---|---|---|---|---|"]
+              "pre-train CPU s/update | peak RSS MB | final pre-train loss |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in stats.items():
         lines.append(f"| {m} | {fmt(r['params'])} | {fmt(r['wer_test'])} | {fmt(r['cer_test'])} | "
                      f"{fmt(r['wer_test_lm'])} | {fmt(r['cer_test_lm'])} | "
@@ -253,8 +260,9 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
         lines += [f"| {k} | {v['wall']:.0f} | {fmt(v['cpu'], 0)} |" for k, v in seconds.items()]
     lines += ["", "Every number above is parsed from this run's logs (`pretrain/*/train.log`, `finetune/*/train.log`, "
               "`*/peak_rss_mb.txt`, `decode/*/test.json`); `results.json` and `details.json` hold them too. "
-              "sec/update = summed `train_wall` of the pre-training epochs (both iterations; no validation or "
-              "checkpointing) / updates; peak RSS = the largest training process of the model's stages; WER/CER "
+              "pre-train sec/update (first table) = CPU seconds (user + sys) of both pre-training stages / their updates "
+              "(the demo runs several jobs on the two cores, so wall time per update would count the sharing); in the "
+              "per-stage table, sec/update = summed `train_wall` of the epochs (wall; no validation or checkpointing) / updates; peak RSS = the largest training process of the model's stages; WER/CER "
               "from `fairseq_mamba/decode.py` (Viterbi CTC best path, no LM) on the test split "
               "(24% of its word tokens never occur in train).", ""]
     best = {m: min((w for w in (r["wer_test"], r["wer_test_lm"]) if w is not None), default=None) for m, r in stats.items()}
