@@ -106,7 +106,8 @@ def batch_problems(dataset, max_tokens: Optional[int], conv: Optional[Conv], whi
                                           f"{dataset.audio_names[i]}", what, fix)
         if max_tokens is not None and tokens > max_tokens:
             cropped = f", cropped to {tokens}" if tokens < samples else ""
-            problems.append(where(f"is {_seconds(samples, rate)}{cropped}, over {which}={max_tokens}: "
+            problems.append(where(f"is {_seconds(samples, rate)}{cropped}, over {which}="
+                                  f"{max_tokens} ({max_tokens / rate:.2f} s): "
                                   "fairseq's batch sampler would stop ('Sentences lengths should not exceed "
                                   "max_tokens')", f"raise {which} to at least {tokens}, or split the file "
                                   "into shorter utterances"))
@@ -128,13 +129,31 @@ def batch_problems(dataset, max_tokens: Optional[int], conv: Optional[Conv], whi
     return problems
 
 
-def install_size_checks() -> None:
-    """Wrap HubertPretrainingTask: build_model records the conv stack, get_batch_iterator checks
-    the dataset once per ``max_tokens`` before fairseq batches it."""
+def check_dataset(task, dataset, max_tokens: Optional[int], which: str) -> None:
+    """Settle ``batch_problems`` of a HubertDataset that data_checks loaded, once per ``max_tokens``;
+    skipped lines are dropped from it."""
     from fairseq.data.audio.hubert_dataset import HubertDataset
+
+    checked = getattr(dataset, "fairseq_mamba_sizes_checked", ())
+    if not isinstance(dataset, HubertDataset) or not hasattr(dataset, "manifest_lines") or max_tokens in checked:
+        return
+    problems = batch_problems(dataset, max_tokens, getattr(task, "fairseq_mamba_conv", None), which)
+    bad = data_checks.settle(problems, dataset.manifest_path)
+    if bad:
+        keep = [i for i, line in enumerate(dataset.manifest_lines) if line not in bad]
+        data_checks.subset(dataset, keep, dataset.manifest_path)
+    dataset.fairseq_mamba_sizes_checked = (*checked, max_tokens)
+
+
+def install_size_checks() -> None:
+    """Wrap fairseq: HubertPretrainingTask.build_model records the conv stack; its
+    get_batch_iterator checks a dataset before batching it; Trainer.get_train_iterator checks the
+    validation sets too (fairseq batches them only at the first validation, after updates)."""
     from fairseq.tasks.hubert_pretraining import HubertPretrainingTask
+    from fairseq.trainer import Trainer
 
     build_model, get_batch_iterator = HubertPretrainingTask.build_model, HubertPretrainingTask.get_batch_iterator
+    get_train_iterator = Trainer.get_train_iterator
     if getattr(get_batch_iterator, "_fairseq_mamba_checked", False):
         return
 
@@ -146,19 +165,20 @@ def install_size_checks() -> None:
 
     @functools.wraps(get_batch_iterator)
     def checked_get_batch_iterator(self, dataset, *args, **kwargs):
-        max_tokens = kwargs.get("max_tokens", args[0] if args else None)
-        checked = getattr(dataset, "fairseq_mamba_sizes_checked", ())
-        if isinstance(dataset, HubertDataset) and hasattr(dataset, "manifest_lines") and max_tokens not in checked:
-            split = next((s for s, d in self.datasets.items() if d is dataset), None)
-            which = "dataset.max_tokens" if split == "train" else "dataset.max_tokens_valid"
-            problems = batch_problems(dataset, max_tokens, getattr(self, "fairseq_mamba_conv", None), which)
-            bad = data_checks.settle(problems, dataset.manifest_path)
-            if bad:
-                data_checks.subset(dataset, [i for i, line in enumerate(dataset.manifest_lines) if line not in bad],
-                                   dataset.manifest_path)
-            dataset.fairseq_mamba_sizes_checked = (*checked, max_tokens)
+        split = next((s for s, d in self.datasets.items() if d is dataset), None)
+        which = "dataset.max_tokens" if split == "train" else "dataset.max_tokens_valid"
+        check_dataset(self, dataset, kwargs.get("max_tokens", args[0] if args else None), which)
         return get_batch_iterator(self, dataset, *args, **kwargs)
+
+    @functools.wraps(get_train_iterator)
+    def checked_get_train_iterator(self, *args, **kwargs):
+        for subset in self.cfg.dataset.valid_subset.split(","):
+            if subset in self.task.datasets:
+                check_dataset(self.task, self.task.datasets[subset], self.cfg.dataset.max_tokens_valid,
+                              "dataset.max_tokens_valid")
+        return get_train_iterator(self, *args, **kwargs)
 
     checked_get_batch_iterator._fairseq_mamba_checked = True
     HubertPretrainingTask.build_model = recording_build_model
     HubertPretrainingTask.get_batch_iterator = checked_get_batch_iterator
+    Trainer.get_train_iterator = checked_get_train_iterator
