@@ -226,6 +226,7 @@ def test_split_by_seed_is_stable_and_lists_are_followed(tmp_path):
                       tmp_path / "va.txt", "--test-list", tmp_path / "te.txt")
     assert (tmp_path / "c" / "valid.tsv").read_text().startswith("spk2/ch1/spk2-ch1-0000\t")
     assert len((tmp_path / "c" / "train.tsv").read_text().splitlines()) == 3 and "1 in no split list" in summary
+    assert "warning: test has letters train lacks: M X Y" in summary and "valid has letters" not in summary
     (tmp_path / "te.txt").write_text("spk2-ch1-0002\nnobody\n")
     with pytest.raises(DataError, match=r"te.txt line 2: nobody names no prepared utterance"):
         prepare(folder, tmp_path / "d", "--train-list", tmp_path / "tr.txt", "--valid-list",

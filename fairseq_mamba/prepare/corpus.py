@@ -174,6 +174,13 @@ def prepare(args) -> str:
         seconds = [results[u.key].samples / audio.RATE for u in part]
         lines.append(f"{name}: {len(part)} utterances, {sum(seconds) / 3600:.3f} h, "
                      f"{min(seconds):.2f}-{max(seconds):.2f} s")
+    seen = set("".join(words[u.key] for u in utts if assign[u.key] == "train"))
+    for name in ("valid", "test"):
+        unseen = sorted(set("".join(words[u.key] for u in utts if assign[u.key] == name)) - seen - {" "})
+        if unseen:
+            lines.append(f"warning: {name} has letters train lacks: {' '.join(unseen)} (stage 01 makes "
+                         f"dict.ltr.txt from train, and fine-tuning refuses labels outside it): move such "
+                         "utterances to train (--train-list) or try another --seed")
     done = [results[u.key] for u in utts]
     rates = collections.Counter(r.source_rate for r in done)
     lines.append("source rates: " + ", ".join(f"{r} Hz x{n}" for r, n in sorted(rates.items()))
