@@ -147,6 +147,16 @@ def test_fine_tuning_limits_are_named(fault, tmp_path, monkeypatch):
     assert task.datasets["train"].manifest_lines == [2, 4]
 
 
+def test_fine_tuning_over_max_tokens_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv(BAD_LINES_ENV, raising=False)
+    root = letters_dataset(tmp_path / "ft", ["AB", "CD", "EF"], [16000, 40000, 16000])
+    task = ft_task(root, pad_audio=True)
+    with pytest.raises(DataError, match=r"(?s)line 3: .*u1.wav is 40000 samples \(2.50 s\), over dataset.max_tokens="
+                                        r"32000 \(2.00 s\).*Fix: raise dataset.max_tokens to at least 40000"):
+        batches(task, 32000)
+    batches(task, 40000)
+
+
 def test_ctc_repeats_count(tmp_path, monkeypatch):
     """ "AAAA" needs 4 labels + 3 blanks + '|' = 8 frames: 3065 samples (825 + 7 x 320) give 8, 3064 give 7."""
     monkeypatch.delenv(BAD_LINES_ENV, raising=False)
