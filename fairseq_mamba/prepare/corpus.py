@@ -130,6 +130,29 @@ def _write_split(out: str, name: str, utts, words, results) -> None:
         os.replace(path + ".tmp", path)
 
 
+def _summary(head, utts, assign, words, results, counts, left) -> str:
+    lines = [head]
+    for name in splitting.SPLITS:
+        seconds = [results[u.key].samples / audio.RATE for u in utts if assign[u.key] == name]
+        lines.append(f"{name}: {len(seconds)} utterances, {sum(seconds) / 3600:.3f} h, "
+                     f"{min(seconds):.2f}-{max(seconds):.2f} s")
+    seen = set("".join(words[u.key] for u in utts if assign[u.key] == "train"))
+    for name in ("valid", "test"):
+        unseen = sorted(set("".join(words[u.key] for u in utts if assign[u.key] == name)) - seen - {" "})
+        if unseen:
+            lines.append(f"warning: {name} has letters train lacks: {' '.join(unseen)} (stage 01 makes "
+                         f"dict.ltr.txt from train, and fine-tuning refuses labels outside it): move such "
+                         "utterances to train (--train-list) or try another --seed")
+    done = [results[u.key] for u in utts]
+    rates = collections.Counter(r.source_rate for r in done)
+    lines.append("source rates: " + ", ".join(f"{r} Hz x{n}" for r, n in sorted(rates.items()))
+                 + f"; stereo or more: {sum(r.channels > 1 for r in done)}; files with clipped samples "
+                 f"after resampling: {sum(r.clipped > 0 for r in done)}")
+    lines.append("transcripts: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "unchanged")
+                 + f"; {left}")
+    return "\n".join(lines) + "\n"
+
+
 def prepare(args) -> str:
     """Do it; -> a summary (also in OUT/prepare.log)."""
     folder, out = os.path.abspath(args.audio_dir), os.path.abspath(args.out_dir)
@@ -164,33 +187,16 @@ def prepare(args) -> str:
                       "transcript line") for u in utts if isinstance(results[u.key], ValueError)]
     settle(failed, f"the audio of {folder}")
     utts = [u for u in utts if not isinstance(results[u.key], ValueError)]
-    lines = [f"layout {layout}: {len(utts)} utterances from {folder}"]
     for name in splitting.SPLITS:
         part = [u for u in utts if assign[u.key] == name]
         if not part:
             raise DataError(f"the {name} split is empty (after leaving out bad lines).\n  Fix: add "
                             f"recordings, or change --valid/--test or the lists")
         _write_split(out, name, part, words, results)
-        seconds = [results[u.key].samples / audio.RATE for u in part]
-        lines.append(f"{name}: {len(part)} utterances, {sum(seconds) / 3600:.3f} h, "
-                     f"{min(seconds):.2f}-{max(seconds):.2f} s")
-    seen = set("".join(words[u.key] for u in utts if assign[u.key] == "train"))
-    for name in ("valid", "test"):
-        unseen = sorted(set("".join(words[u.key] for u in utts if assign[u.key] == name)) - seen - {" "})
-        if unseen:
-            lines.append(f"warning: {name} has letters train lacks: {' '.join(unseen)} (stage 01 makes "
-                         f"dict.ltr.txt from train, and fine-tuning refuses labels outside it): move such "
-                         "utterances to train (--train-list) or try another --seed")
-    done = [results[u.key] for u in utts]
-    rates = collections.Counter(r.source_rate for r in done)
-    lines.append("source rates: " + ", ".join(f"{r} Hz x{n}" for r, n in sorted(rates.items()))
-                 + f"; stereo or more: {sum(r.channels > 1 for r in done)}; files with clipped samples "
-                 f"after resampling: {sum(r.clipped > 0 for r in done)}")
-    lines.append("transcripts: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "unchanged")
-                 + f"; left out: {len(bad)} bad ({BAD_LINES_ENV}=skip) + {len(failed)} unreadable, "
-                 f"{left_out} in no split list, {len(unnamed)} audio file(s) without a transcript"
-                 + (f" (e.g. {unnamed[0]})" if unnamed else ""))
-    summary = "\n".join(lines) + "\n"
+    left = (f"left out: {len(bad)} bad ({BAD_LINES_ENV}=skip) + {len(failed)} unreadable, {left_out} in no "
+            f"split list, {len(unnamed)} audio file(s) without a transcript" + (f" (e.g. {unnamed[0]})" if unnamed else ""))
+    summary = _summary(f"layout {layout}: {len(utts)} utterances from {folder}", utts, assign, words, results,
+                       counts, left)
     with open(os.path.join(out, "prepare.log"), "w") as f:
         f.write(summary)
     with open(os.path.join(out, ".done"), "w") as f:
