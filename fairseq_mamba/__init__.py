@@ -5,7 +5,7 @@ model and criterion, lets fairseq's own checkpoint loading read checkpoints unde
 torch >= 2.6 (see ``checkpoint_compat``), makes fairseq 0.12's ``hubert_ctc`` buildable
 (see ``upstream.patch_hubert_ctc``) so plain ``fairseq-hydra-train`` fine-tunes our checkpoints,
 checks every split fairseq's ``hubert_pretraining`` task loads before it loads it
-(``data_checks``), and makes a killed run resume exactly (``resume``).
+(``data_checks``; size limits: ``size_checks``), and makes a killed run resume exactly (``resume``).
 """
 try:
     import fairseq  # noqa: F401
@@ -22,9 +22,11 @@ allow_fairseq_checkpoints()
 
 from .data_checks import install_training_checks  # noqa: E402
 from .resume import install_resume_fixes  # noqa: E402
+from .size_checks import install_size_checks  # noqa: E402
 from .upstream import patch_hubert_ctc  # noqa: E402
 
 install_training_checks()
+install_size_checks()
 install_resume_fixes()
 # Idempotent; leaves a fairseq whose HubertCtcConfig already has `autoregressive` untouched.
 patch_hubert_ctc()

@@ -22,7 +22,8 @@ Design:
   so a later stage or run only stats the files.
 * Labels: as many lines as the manifest has utterances, every token in the dictionary, and for
   frame labels (``label_rate > 0``) a duration within ``LABEL_TOLERANCE_S`` = 0.1 s of the audio
-  (fairseq's own tolerance, which fairseq only warns about; we raise).
+  (fairseq's own tolerance, which fairseq only warns about; we raise). Size limits (min/max
+  sample size, max_tokens, the conv stack's receptive field, CTC lengths): ``size_checks``.
 * Hooks: ``install_training_checks`` wraps fairseq's ``HubertPretrainingTask.load_dataset`` (the
   task used by pre-training, both models, and by ``hubert_ctc`` fine-tuning): the split is
   checked before fairseq builds its dataset, skipped lines are dropped from that dataset, and
@@ -304,7 +305,23 @@ def check_task_split(cfg, split: str):
         problems += check_labels(manifest, os.path.join(label_dir, f"{split}.{label}"),
                                  os.path.join(label_dir, f"dict.{label}.txt"), cfg.label_rate,
                                  cfg.sample_rate)
+    from fairseq_mamba.size_checks import task_problems  # (size_checks imports this module)
+
+    problems += task_problems(manifest, cfg)
     return manifest, settle(sorted(problems, key=lambda p: p.line), manifest.path)
+
+
+def subset(dataset, keep: Sequence[int], manifest_path: str) -> None:
+    """Keep only the items ``keep`` (indices) of fairseq's HubertDataset, in place."""
+    if not keep:
+        raise DataError(f"every line of {manifest_path} is bad or filtered out; nothing to train on")
+    dataset.manifest_lines = [dataset.manifest_lines[i] for i in keep]
+    dataset.audio_names = [dataset.audio_names[i] for i in keep]
+    dataset.sizes = [dataset.sizes[i] for i in keep]
+    if dataset.store_labels:
+        dataset.label_list = [[labels[i] for i in keep] for labels in dataset.label_list]
+    else:
+        dataset.label_offsets_list = [[o[i] for i in keep] for o in dataset.label_offsets_list]
 
 
 def _keep_lines(dataset, cfg, manifest: Manifest, bad: Set[int]) -> None:
@@ -314,19 +331,9 @@ def _keep_lines(dataset, cfg, manifest: Manifest, bad: Set[int]) -> None:
               if not (cfg.min_sample_size is not None and e.samples < cfg.min_sample_size)
               and not (cfg.max_keep_size is not None and e.samples > cfg.max_keep_size)]
     assert len(loaded) == len(dataset.audio_names), "fairseq's HubertDataset changed its size filter"
-    keep = [i for i, line in enumerate(loaded) if line not in bad]
-    if bad and not keep:
-        raise DataError(f"every line of {manifest.path} is bad or filtered out; nothing to train on")
-    dataset.manifest_lines = [loaded[i] for i in keep]
-    dataset.manifest_path = manifest.path
-    if len(keep) == len(loaded):
-        return
-    dataset.audio_names = [dataset.audio_names[i] for i in keep]
-    dataset.sizes = [dataset.sizes[i] for i in keep]
-    if dataset.store_labels:
-        dataset.label_list = [[labels[i] for i in keep] for labels in dataset.label_list]
-    else:
-        dataset.label_offsets_list = [[o[i] for i in keep] for o in dataset.label_offsets_list]
+    dataset.manifest_lines, dataset.manifest_path = loaded, manifest.path
+    if bad:
+        subset(dataset, [i for i, line in enumerate(loaded) if line not in bad], manifest.path)
 
 
 def _guarded_get_audio(get_audio):

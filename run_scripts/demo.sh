@@ -126,7 +126,8 @@ else
 fi
 step "09 mutual information per layer (test split)"
 mi_ckpts=(); for m in $MODELS; do mi_ckpts+=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"); done
-KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$CORPUS/test.phn" MI_JOBS=2 \
+phones=""; [[ -f "$CORPUS/test.phn" ]] && phones="$CORPUS/test.phn"  # a prepared corpus has no phone labels
+KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 \
   q 09_mi bash run_scripts/09_mi_analysis.sh "$W/data/test.tsv" "$W/mi" "${mi_ckpts[@]}"
 step "report"
 uptime >>"$W/load.txt"

@@ -1,0 +1,3 @@
+from fairseq_mamba.prepare.corpus import main
+
+main()
