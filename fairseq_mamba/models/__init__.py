@@ -1,1 +1,2 @@
 from .mamba_hubert import MambaEncoder, MambaHubertConfig, MambaHubertModel  # noqa: F401
+from .hubert_enhancer import HubertEnhancerConfig, HubertEnhancerModel  # noqa: F401
