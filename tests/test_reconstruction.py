@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 import fairseq_mamba  # noqa: F401  (registers the task, model and criterion)
 from fairseq import tasks
 from fairseq_mamba import evaluate_enhancement, noisy_speech
+from fairseq_mamba.models import hubert_enhancer
 from fairseq_mamba.analysis import layer_features as lf
 from fairseq_mamba.criterions.spectral_reconstruction import SpectralReconstructionCriterion, log_spectral_distance
 
@@ -95,7 +96,7 @@ def test_target_frames_are_the_model_frames_own_windows(data):
     frames = model.target_frames(wave, n)[0]
     window = torch.hann_window(400)
     for j in (0, n // 2, n - 1):  # HuBERT's stack: frame j is exactly samples [320 j, 320 j + 400)
-        expected = torch.log10(torch.fft.rfft(wave[0, 320 * j:320 * j + 400] * window).abs() ** 2 + 1e-4)
+        expected = torch.log10(torch.fft.rfft(wave[0, 320 * j:320 * j + 400] * window).abs() ** 2 + hubert_enhancer.POWER_FLOOR)
         torch.testing.assert_close(frames[j], expected, rtol=1e-4, atol=1e-4)
     # padded frames are masked, counted as the conv stack produces them
     pad = torch.zeros(2, 9000, dtype=torch.bool)

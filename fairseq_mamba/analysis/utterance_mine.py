@@ -34,8 +34,8 @@ from .neural_mi import SeparableCritic, _offdiag_logmeanexp, bound
 MIN_FRAMES = 8  # utterances with fewer valid frames are left out (no critic can be fitted)
 
 
-def utterance_dv(x: Tensor, y: Tensor, generator: torch.Generator, steps: int = 200, hidden: int = 64,
-                 embed: int = 64, lr: float = 1e-3, held_out: float = 0.0, ema_alpha: float = 0.01) -> float:
+def utterance_dv(x: Tensor, y: Tensor, generator: torch.Generator, steps: int = 100, hidden: int = 32,
+                 embed: int = 16, lr: float = 1e-3, held_out: float = 0.0, ema_alpha: float = 0.01) -> float:
     """DV bound (nats) of a fresh critic trained on one utterance's frames. x: (n, dx), y: (n, dy) float,
     standardised; the critic trains on all n frames (held_out=0) or on a random 1 - held_out of them."""
     with torch.random.fork_rng(devices=[]):
@@ -63,7 +63,7 @@ def utterance_dv(x: Tensor, y: Tensor, generator: torch.Generator, steps: int = 
 
 
 def mine_utterance(x: Tensor, y: Tensor, gen: torch.Generator, groups: Optional[Tensor] = None,
-                   pca: Optional[int] = None, max_utterances: Optional[int] = 20, **train_options
+                   pca: Optional[int] = 8, max_utterances: Optional[int] = 10, **train_options
                    ) -> Tuple[float, int, int, Optional[float]]:
     """The :mod:`.mutual_information` method ``mine_utterance``: (mean per-utterance DV bound,
     frames used, frames the bounds were evaluated on, None). x: (N, dx), y: (N, dy) float;
