@@ -28,6 +28,7 @@ export TRAIN_UTTS=${TRAIN_UTTS:-}  # empty: all 556 train utterances
 PT1=${PT1_UPDATES:-$((500 * S))}
 PT2=${PT2_UPDATES:-$((250 * S))}
 FT=${FT_UPDATES:-$((1500 * S))}
+HEAD=${HEAD:-conformer}  # the extra module of the paper's experiment: conformer | transformer | bimamba
 K1=${K1:-50}; K2=${K2:-50}
 mkdir -p "$W/logs"
 for s in train valid test; do
@@ -35,7 +36,7 @@ for s in train valid test; do
 done
 cat >"$W/settings.json" <<JSON
 {"DEMO_SCALE": $S, "MODELS": "$MODELS", "PARALLEL": $PARALLEL, "TRAIN_UTTS": "${TRAIN_UTTS:-all}",
- "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2}
+ "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2, "HEAD": "$HEAD"}
 JSON
 uptime >>"$W/load.txt"
 echo "[demo] scale $S: pre-train $PT1 + $PT2 updates, fine-tune $FT updates, models: $MODELS (parallel: $PARALLEL)"
@@ -62,12 +63,14 @@ step "03 k-means k=$K1 on MFCC"; KM_PERCENT=${KM_PERCENT:-0.5} q 03_kmeans_mfcc 
 # 04 runs its shards in one process: each shard's job merges the shards when all are there
 step "04 labels (iteration 1)"; q 04_labels_iter1 bash run_scripts/04_labels.sh "$W/feat_mfcc" "$W/km/mfcc_k$K1.bin" "$W/labels/iter1" 2
 
-# chain MODEL NJ: stages 05-08 of one model (NJ feature shards)
+# chain MODEL NJ: stages 05-08 of one model (NJ feature shards); the from-scratch run starts beside it
+# once iteration 1 is trained, the fine-tuning variants follow iteration 2
 chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_last.pt"
   step "05 pre-train $m iteration 1 ($PT1 updates)"
   timed "05_pretrain_${m}_iter1" bash run_scripts/05_pretrain.sh "$m" 1 "$W/data" "$W/labels/iter1" "$W/pretrain/${m}_iter1" \
     optimization.max_update="$PT1" common.log_interval=$((PT1 / 8 > 0 ? PT1 / 8 : 1)) \
     lr_scheduler.warmup_updates=$((PT1 / 10 + 1)) checkpoint.save_interval_updates="$PT1" dataset.validate_interval=1000
+  finetune "$m" scratch & local scratch_pid=$!
   step "06 $m iteration-1 features"
   OMP_NUM_THREADS=1 q "06_features_$m" shards "$nj" 06_hubert_features.sh "$ck1" "$W/data" "$W/feat_${m}_iter1" middle
   step "03 k-means k=$K2 on $m features"
@@ -84,13 +87,30 @@ chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_la
     optimization.max_update="$PT2" common.log_interval=$((PT2 / 4 > 0 ? PT2 / 4 : 1)) \
     lr_scheduler.warmup_updates=$((PT2 / 10 + 1)) checkpoint.save_interval_updates="$PT2" dataset.validate_interval=1000 \
     "${warm[@]}"
-  step "07 fine-tune $m, letters CTC ($FT updates)"
-  timed "07_finetune_$m" bash run_scripts/07_finetune.sh "$m" "$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt" "$W/data" \
-    "$W/finetune/$m" optimization.max_update="$FT" common.log_interval=$((FT / 10 > 0 ? FT / 10 : 1)) \
-    checkpoint.save_interval_updates="$FT" dataset.validate_interval=1000 dataset.validate_interval_updates=$((FT / 4 > 0 ? FT / 4 : 1))
-  step "08 decode $m (test)"
-  q "08_decode_$m" bash run_scripts/08_decode.sh "$W/finetune/$m/checkpoints/checkpoint_best.pt" "$W/data" test "$W/decode/$m"
-  step "$m: $(tr -d '\n' <"$W/decode/$m/test.json")"
+  finetune "$m" alone
+  finetune "$m" "$HEAD"
+  wait "$scratch_pid"
+}
+
+# finetune MODEL VARIANT: stage 07 + 08 of one ASR variant, the same data, schedule, seed and decoding
+# for every variant (the paper's experiment): alone = hubert_ctc on the iteration-2 checkpoint (WORK/
+# finetune/MODEL); conformer|transformer|bimamba = hubert_ctc_head with one such layer on top (WORK/
+# finetune/MODEL_VARIANT); scratch = hubert_ctc with no_pretrained_weights (the iteration-1 checkpoint
+# gives only the architecture).
+finetune() { local m=$1 v=$2 ck="$W/pretrain/${1}_iter2/checkpoints/checkpoint_last.pt" config=${1}_tiny_cpu
+  local name=${m}_$v extra=()
+  case $v in
+    alone) name=$m ;;
+    scratch) ck="$W/pretrain/${m}_iter1/checkpoints/checkpoint_last.pt"; extra=(model.no_pretrained_weights=true) ;;
+    *) config=head_tiny_cpu; extra=(model.head_type="$v") ;;
+  esac
+  step "07 fine-tune $m ($v), letters CTC ($FT updates)"
+  CONFIG=$config timed "07_finetune_$name" bash run_scripts/07_finetune.sh "$m" "$ck" "$W/data" "$W/finetune/$name" \
+    optimization.max_update="$FT" common.log_interval=$((FT / 10 > 0 ? FT / 10 : 1)) checkpoint.save_interval_updates="$FT" \
+    dataset.validate_interval=1000 dataset.validate_interval_updates=$((FT / 4 > 0 ? FT / 4 : 1)) "${extra[@]}"
+  step "08 decode $m ($v, test)"
+  q "08_decode_$name" bash run_scripts/08_decode.sh "$W/finetune/$name/checkpoints/checkpoint_best.pt" "$W/data" test "$W/decode/$name"
+  step "$m ($v): $(tr -d '\n' <"$W/decode/$name/test.json" | cut -c1-120)"
 }
 
 if [[ "$PARALLEL" == 1 ]]; then

@@ -16,6 +16,9 @@ import os
 import re
 import sys
 
+from report_experiment import experiment, mi_curves, mi_markdown
+from report_experiment import markdown as experiment_markdown
+
 KV = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)[= ]([-+]?[0-9][0-9.e+-]*)(?=,|\s*\||\s*$)")
 STAGES = ("pretrain_iter1", "pretrain_iter2", "finetune")
 RESULT_KEYS = ("params", "wer_test", "cer_test", "sec_per_update", "peak_rss_mb", "pretrain_loss_final",
@@ -131,16 +134,16 @@ def model_stats(work, m):
     }
 
 
-MI_TARGETS = ("layer0", "mfcc", "units", "phones")
-
-
-def results_entry(work, m, stats):
-    """The results.json entry of model m: the six summary keys, plus "mi" (one value per layer and
-    target, nats) when stage 09 ran (WORK/mi/layer_mi.json)."""
+def results_entry(work, m, stats, head):
+    """The results.json entry of model m: the summary keys (its fine-tuned-alone numbers), "mi" of the
+    pre-trained encoder (one value per layer and target, nats, with spreads) when stage 09 ran
+    (WORK/mi/layer_mi.json), and the paper's experiment (report_experiment.experiment)."""
     entry = {k: stats[k] for k in RESULT_KEYS}
-    mi = read_json(os.path.join(work, "mi", "layer_mi.json")).get("models", {}).get(m)
+    layer_mi = read_json(os.path.join(work, "mi", "layer_mi.json"))
+    mi = mi_curves(layer_mi, m)
     if mi:
-        entry["mi"] = {t: mi[t] for t in MI_TARGETS if t in mi}
+        entry["mi"] = mi
+    entry.update(experiment(work, m, head, layer_mi))
     return entry
 
 
@@ -228,6 +231,7 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
         lines.append(f"| {m} | {fmt(r['params'])} | {fmt(r['wer_test'])} | {fmt(r['cer_test'])} | "
                      f"{fmt(r['wer_test_lm'])} | {fmt(r['cer_test_lm'])} | "
                      f"{fmt(r['sec_per_update'])} | {fmt(r['peak_rss_mb'], 0)} | {fmt(r['pretrain_loss_final'], 3)} |")
+    lines += [""] + experiment_markdown(results, list(stats), settings.get("HEAD", "conformer"), settings)
     lm = {m: r["decode"]["lm"] for m, r in stats.items() if r["decode"].get("lm")}
     if lm:
         lines += ["", "WER/CER: Viterbi (CTC best path, no LM). *With LM*: beam search (no lexicon) with a letter "
@@ -263,16 +267,7 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
                   "README, \"The demo\").", ""]
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    mis = {m: r.get("mi") for m, r in results["models"].items()}
-    if any(mis.values()):
-        lines += ["## Mutual information per layer (stage 09, test split)", "",
-                  "Nats, per layer (0 = the encoder's input): `mi/layer_mi.csv`; estimators and how to read "
-                  "the curves: README, \"Mutual-information analysis\".", ""]
-        if os.path.exists(os.path.join(work, "mi", "layer_mi.png")):
-            lines += ["![MI per layer](mi/layer_mi.png)", ""]
-        lines += [f"- {m}: " + "; ".join(f"{t} " + " ".join(f"{v:.2f}" for v in vals) for t, vals in mi.items())
-                  for m, mi in mis.items() if mi]
-        lines.append("")
+    lines += mi_markdown(work, results, list(stats))
     for m in stats:
         hyp, ref = (os.path.join(work, "decode", m, f"test.{x}") for x in ("hyp", "ref"))
         if os.path.exists(hyp) and os.path.exists(ref):
@@ -289,7 +284,8 @@ def main(work, models):
     settings = read_json(os.path.join(work, "settings.json"))
     load = open(os.path.join(work, "load.txt")).read().strip().replace("\n", "; ") \
         if os.path.exists(os.path.join(work, "load.txt")) else ""
-    results = {"models": {m: results_entry(work, m, s) for m, s in stats.items()}}
+    head = settings.get("HEAD", "conformer")
+    results = {"models": {m: results_entry(work, m, s, head) for m, s in stats.items()}}
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     seconds = stage_seconds(work)

@@ -5,43 +5,16 @@ pscan.py (a work-efficient parallel scan over time on (b, l, d, n) tensors, with
 custom backward that runs the same scan reversed in time), for comparison only.
 """
 
-import importlib
-import importlib.util
-import sys
-import types
-
 import torch
 import torch.nn.functional as F
+
+from fairseq_mamba.ops.reference_kernels import load_selective_scan_interface
 
 
 def load_mamba_ssm_ref():
     """mamba-ssm's selective_scan_ref without its CUDA/triton parts, or (None, why)."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None:
-        return None, ("mamba_ssm is not installed; for this column: MAMBA_SKIP_CUDA_BUILD=TRUE "
-                      "MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-deps "
-                      "mamba-ssm einops")
-    # Skip mamba_ssm/__init__ (imports triton-only modules) and stub the CUDA
-    # extension and the triton import of selective_scan_interface: the pure-PyTorch
-    # selective_scan_ref uses neither.
-    pkg = types.ModuleType("mamba_ssm")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    layer_norm = types.ModuleType("mamba_ssm.ops.triton.layer_norm")
-    layer_norm._layer_norm_fwd = None
-    stubs = {"mamba_ssm": pkg, layer_norm.__name__: layer_norm,
-             "selective_scan_cuda": types.ModuleType("selective_scan_cuda")}
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    try:
-        return importlib.import_module("mamba_ssm.ops.selective_scan_interface") \
-            .selective_scan_ref, None
-    except Exception as exc:  # e.g. einops missing
-        return None, f"mamba_ssm's selective_scan_ref could not be imported: {exc!r}"
-    finally:
-        for k in [k for k in sys.modules
-                  if k.startswith("mamba_ssm") or k == "selective_scan_cuda"]:
-            del sys.modules[k]
-        sys.modules.update({k: v for k, v in saved.items() if v is not None})
+    ssi, why = load_selective_scan_interface()
+    return (None, why) if ssi is None else (ssi.selective_scan_ref, None)
 
 
 def _combine_(a, x, right, left):

@@ -1,4 +1,5 @@
 """Shared fixtures: small models and a tiny generated HuBERT-style dataset."""
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -53,3 +54,11 @@ def subprocess_env():
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
+
+
+def load_run_script(name):
+    """run_scripts/<name>.py as a module (run_scripts is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "run_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -249,11 +249,12 @@ def test_end_to_end_chain(work, pretrained):
     (w / "mi" / "layer_mi.json").write_text(json.dumps({"models": {"mamba_hubert": {**mi, "std": {}}}}))
     run([PY, "run_scripts/make_report.py", w, "mamba_hubert"])
     r = json.loads((w / "results.json").read_text())["models"]["mamba_hubert"]
-    assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == mi
+    assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == {**mi, "std": {}}
+    assert r["finetune"]["alone"]["wer_test"] == res["wer"] and "scratch" not in r  # no other variant ran
     assert (r["wer_test_lm"], r["cer_test_lm"]) == (lm["wer"], lm["cer"])
     # two fine-tuning updates cannot reach 40% WER: the report points to the measured longer run
     assert min(lm["wer"], res["wer"]) >= 40 and "DEMO_SCALE=4 FT_UPDATES=12000" in (w / "report.md").read_text()
     # train_wall of 1-2 update runs rounds to 0 s in fairseq's log, hence >= 0
     assert r["params"] > 10000 and r["sec_per_update"] >= 0 and r["peak_rss_mb"] > 100
     assert r["pretrain_loss_final"] > 0
-    assert "mamba_hubert: layer0 3.00 2.50 2.00" in (w / "report.md").read_text()
+    assert "| mamba_hubert | pre-trained | layer0 | 3.00 2.50 2.00 | no |" in (w / "report.md").read_text()

@@ -80,6 +80,20 @@ class SelectiveSSM(nn.Module):
         self.last_delta_mean: Optional[torch.Tensor] = None
         self.reset_ssm_parameters()
 
+    # Parameters the scan kernels read in fp32 (A = -exp(A_log), D, the Δ bias): they stay fp32
+    # when fairseq's common.fp16 / common.bf16 casts the model (model.half(), .to(bfloat16)).
+    FP32_PARAMETERS = ("A_log", "D", "dt_proj.bias")
+
+    def _apply(self, fn, recurse=True):
+        keep = {name: p.data for name, p in self.named_parameters() if name in self.FP32_PARAMETERS}
+        super()._apply(fn, recurse)
+        for name, p in self.named_parameters():
+            if name in keep and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = keep[name].to(p.device)  # the fp32 values, not a rounded copy
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
     @torch.no_grad()
     def reset_ssm_parameters(self):
         """Mamba's special initialisation of Δ, A and D.
@@ -180,8 +194,9 @@ class Mamba(nn.Module):
         if valid is not None:
             hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
         xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, length)
-        if self._use_fused_kernel(xz):
-            return self._fused_forward(xz)
+        fused = ops.kernel_for("mamba_inner", xz) if self.directions == ("forward",) else None
+        if fused is not None:
+            return self._fused_forward(fused, xz)
         y = 0
         for direction, ssm in zip(self.directions, self.ssms):
             if direction == "forward":
@@ -232,15 +247,12 @@ class Mamba(nn.Module):
             out[:, span] = self.out_proj((y[..., span] / len(self.ssms)).transpose(1, 2))
         return out
 
-    def _use_fused_kernel(self, xz):
+    def _fused_forward(self, mamba_inner_fn, xz):
         # mamba-ssm's fused conv+scan+out_proj kernel covers the one-direction case; its padding
         # needs no care because padding is at the end and the kernel is causal.
-        return xz.is_cuda and ops.mamba_inner_fn is not None and self.directions == ("forward",)
-
-    def _fused_forward(self, xz):
         ssm = self.ssms[0]
         ssm.last_delta_mean = None  # not observable inside the fused kernel
-        out = ops.mamba_inner_fn(
+        out = mamba_inner_fn(
             xz, ssm.conv1d.weight, ssm.conv1d.bias, ssm.x_proj.weight, ssm.dt_proj.weight,
             self.out_proj.weight, self.out_proj.bias, -torch.exp(ssm.A_log.float()), None, None,
             ssm.D.float(), delta_bias=ssm.dt_proj.bias.float(), delta_softplus=True,

@@ -3,26 +3,19 @@
 Shapes: x (batch, dim, length), weight (dim, width), bias (dim,),
 initial_states / final states (batch, dim, width - 1).
 
-``causal_conv1d`` uses the CUDA kernel of the ``causal-conv1d`` package when the
-input is on a GPU and the package is importable, and ``F.conv1d`` otherwise.
+``causal_conv1d`` uses the CUDA kernel of the ``causal-conv1d`` package where
+``ops.dispatch.kernel_for`` picks it (a GPU, the package importable, no state
+passed, width 2..4), and ``F.conv1d`` otherwise.
 ``causal_conv1d_reference`` is an explicit loop over the taps, the ground truth
 the fast paths are tested against.
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from fairseq_mamba.ops.dispatch import HAS_CUDA_CONV, causal_conv1d_fn, kernel_for
 
-try:
-    from causal_conv1d import causal_conv1d_fn
-except Exception as exc:  # ImportError, or CUDA/ABI errors of a CPU-only install
-    logger.debug("causal_conv1d CUDA kernel unavailable: %r", exc)
-    causal_conv1d_fn = None
-
-HAS_CUDA_CONV = causal_conv1d_fn is not None
+__all__ = ["HAS_CUDA_CONV", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_reference"]
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -77,11 +70,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
     """
     _check(x, weight, bias, activation, initial_states)
     width = weight.shape[1]
-    # The kernel is only used for the plain case: its state-passing variant
-    # needs a channel-last layout, and the PyTorch path is exact anyway.
-    if (x.is_cuda and HAS_CUDA_CONV and initial_states is None
-            and not return_final_states and 2 <= width <= 4):
-        return causal_conv1d_fn(x, weight, bias, activation=activation)
+    kernel = kernel_for("causal_conv1d", x, conv_width=width,
+                        stateful=initial_states is not None or return_final_states)
+    if kernel is not None:
+        return kernel(x, weight, bias, activation=activation)
     padded = _pad_left(x, width, initial_states)
     if x.shape[-1] == 0:  # F.conv1d rejects inputs shorter than the kernel
         out = x.new_empty(x.shape)

@@ -21,28 +21,14 @@ one-pass outputs (the recurrence is the same; only float rounding differs). mamb
 The state math is always done in at least fp32, also under ``torch.autocast``.
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan
+from fairseq_mamba.ops.dispatch import HAS_CUDA_SCAN, kernel_for, mamba_inner_fn, selective_scan_fn
 
-logger = logging.getLogger(__name__)
-
-try:
-    from mamba_ssm.ops import selective_scan_interface as _ssi
-
-    # A CPU-only install imports fine but has no compiled kernel behind the API.
-    if _ssi.selective_scan_cuda is None:
-        raise ImportError("mamba_ssm was installed without its selective_scan_cuda extension")
-    selective_scan_fn, mamba_inner_fn = _ssi.selective_scan_fn, _ssi.mamba_inner_fn
-except Exception as exc:  # ImportError, or missing triton / CUDA / ABI errors
-    logger.debug("mamba_ssm selective_scan CUDA kernel unavailable: %r", exc)
-    selective_scan_fn = None
-    mamba_inner_fn = None
-
-HAS_CUDA_SCAN = selective_scan_fn is not None
+__all__ = ["HAS_CUDA_SCAN", "mamba_inner_fn", "selective_scan", "selective_scan_fn",
+           "selective_scan_reference"]
 
 
 def _shape(t):
@@ -134,12 +120,13 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False, initial_state=None):
-    """mamba-ssm's CUDA kernel on GPU when available (and no ``initial_state``), else the
-    chunked PyTorch path."""
+    """mamba-ssm's selective_scan_fn where ``ops.dispatch.kernel_for`` picks it (a GPU with the
+    kernel, no ``initial_state``), else the chunked PyTorch path."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if u.is_cuda and HAS_CUDA_SCAN and initial_state is None:
-        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                 return_last_state)
+    kernel = kernel_for("selective_scan", u, stateful=initial_state is not None)
+    if kernel is not None:
+        return kernel(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
+                      delta_softplus=delta_softplus, return_last_state=return_last_state)
     out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
                                                  _as_grouped(C), D, z, delta_bias,
                                                  bool(delta_softplus), CHUNK, initial_state)
