@@ -9,7 +9,9 @@ per forward (no padding). Per utterance, the mean over its frames of the log-spe
 the clean log-power frames and (a) the noisy input's, (b) the model's prediction; printed (and
 written to ``--out``) as JSON, averaged over utterances: ``lsd_noisy_db``,
 ``lsd_enhanced_db``, ``lsd_improvement_db`` = (a) - (b) (> 0: the model enhances), and the same
-per SNR under ``by_snr``.
+per SNR under ``by_snr``; ``lsd_mean_spectrum_db`` is a trivial enhancer's score, one that ignores
+its input and outputs the split's mean clean frame everywhere (an oracle constant): a model must
+beat it to have learnt anything about the frame in front of it.
 """
 import argparse
 import json
@@ -47,20 +49,24 @@ def summary(rows: List[Dict]) -> Dict:
 def evaluate(model, dataset) -> Dict:
     from fairseq_mamba.criterions.spectral_reconstruction import log_spectral_distance
 
-    rows = []
+    rows, cleans = [], []
     for i in range(len(dataset)):
         item = dataset[i]
         out = model(item["source"][None])
         pred = out["pred"][0][~out["padding_mask"][0]]
         clean = model.target_frames(item["clean"][None], len(pred))[0]
         noisy = model.target_frames(item["source"][None], len(pred))[0]
+        cleans.append(clean)
         rows.append(dict(snr=item["snr"], noise=item["noise"], frames=len(pred),
                          noisy=float(log_spectral_distance(noisy, clean).mean()),
                          enhanced=float(log_spectral_distance(pred, clean).mean())))
     by_snr = defaultdict(list)
     for r in rows:
         by_snr[r["snr"]].append(r)
-    return {**summary(rows), "frames": sum(r["frames"] for r in rows),
+    mean = torch.cat(cleans).mean(0)
+    trivial = np.mean([float(log_spectral_distance(mean.expand_as(c), c).mean()) for c in cleans])
+    return {**summary(rows), "lsd_mean_spectrum_db": round(float(trivial), 3),
+            "frames": sum(r["frames"] for r in rows),
             "by_snr": {f"{snr:g}": summary(rs) for snr, rs in sorted(by_snr.items())},
             "noise_types": sorted({r["noise"] for r in rows})}
 

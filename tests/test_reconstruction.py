@@ -146,6 +146,7 @@ def test_evaluate_command_scores_a_saved_checkpoint(data, tmp_path):
         by_hand.append(float(log_spectral_distance(model.target_frames(item["source"][None], n),
                                                    model.target_frames(item["clean"][None], n)).mean()))
     assert result["lsd_noisy_db"] == pytest.approx(np.mean(by_hand), abs=1e-3) and result["lsd_noisy_db"] > 1
+    assert 0 < result["lsd_mean_spectrum_db"] < result["lsd_noisy_db"]  # noise costs more than a constant guess
 
 
 def test_the_stage_09_loader_reads_an_enhancer_checkpoint(data, tmp_path):
