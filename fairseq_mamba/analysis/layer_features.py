@@ -7,7 +7,10 @@ Definitions (used by :mod:`.layer_mi` and its CSV/JSON):
   models, as HuBERT Base and the tiny configs), i.e. fairseq's "features before the first
   layer"; **layer k** (1..L) = the output of encoder layer k (fairseq's ``layer_results[k-1]``),
   before the final encoder LayerNorm that pre-norm (``layer_norm_first``) models apply.
-  Both are captured with forward hooks in one ``extract_features`` pass per batch.
+  Both are captured with forward hooks in one ``extract_features`` pass per batch. A
+  ``hubert_ctc_head`` model adds its head layers 1..H after the encoder layers it feeds them
+  (its ``w2v_encoder.layer_outputs``); fine-tuned, from-scratch and enhancer models are read at
+  the HuBERT-family encoder inside them (:func:`encoder_model`).
 * **valid frames**: utterance i of S samples has exactly the conv stack's output length
   ``n_i`` (floor((S - kernel) / stride) + 1 per conv layer) frames; frames beyond it in a padded
   batch are dropped.
