@@ -19,7 +19,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from fairseq.data.audio.raw_audio_dataset import FileAudioDataset
 
