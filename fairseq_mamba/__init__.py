@@ -1,7 +1,8 @@
 """fairseq_mamba: HuBERT with bidirectional Mamba layers, as a fairseq user-dir plugin.
 
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
-model and criterion, lets fairseq's own checkpoint loading read checkpoints under
+model and criterion (and the ``speech_enhancement`` task, ``hubert_enhancer`` model and
+``spectral_reconstruction`` criterion of the reconstruction model), lets fairseq's own checkpoint loading read checkpoints under
 torch >= 2.6 (see ``checkpoint_compat``), makes fairseq 0.12's ``hubert_ctc`` buildable
 (see ``upstream.patch_hubert_ctc``) so plain ``fairseq-hydra-train`` fine-tunes our checkpoints,
 checks every split fairseq's ``hubert_pretraining`` task loads before it loads it
@@ -31,4 +32,4 @@ install_resume_fixes()
 # Idempotent; leaves a fairseq whose HubertCtcConfig already has `autoregressive` untouched.
 patch_hubert_ctc()
 
-from . import criterions, models  # noqa: E402,F401  (registration side effects)
+from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)

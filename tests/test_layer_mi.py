@@ -72,7 +72,7 @@ def test_command_writes_csv_json_and_plot(setup, fast, tmp_path):
     assert len(rows) == 2 * 3 * 4
     for name, entry in saved["models"].items():
         assert entry["layers"] == 2 and entry["frames"] == frames
-        for target in layer_mi.TARGETS:
+        for target in layer_mi.DEFAULT_TARGETS:
             assert len(entry[target]) == len(entry["std"][target]) == 3
             assert all(s > 0 for s in entry["std"][target])  # two repeats, two splits and critics
             mine = [r for r in rows if r["model"] == name and r["target"] == target]

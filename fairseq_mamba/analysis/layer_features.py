@@ -7,7 +7,10 @@ Definitions (used by :mod:`.layer_mi` and its CSV/JSON):
   models, as HuBERT Base and the tiny configs), i.e. fairseq's "features before the first
   layer"; **layer k** (1..L) = the output of encoder layer k (fairseq's ``layer_results[k-1]``),
   before the final encoder LayerNorm that pre-norm (``layer_norm_first``) models apply.
-  Both are captured with forward hooks in one ``extract_features`` pass per batch.
+  Both are captured with forward hooks in one ``extract_features`` pass per batch. A
+  ``hubert_ctc_head`` model adds its head layers 1..H after the encoder layers it feeds them
+  (its ``w2v_encoder.layer_outputs``); fine-tuned, from-scratch and enhancer models are read at
+  the HuBERT-family encoder inside them (:func:`encoder_model`).
 * **valid frames**: utterance i of S samples has exactly the conv stack's output length
   ``n_i`` (floor((S - kernel) / stride) + 1 per conv layer) frames; frames beyond it in a padded
   batch are dropped.
@@ -84,6 +87,8 @@ class FrameGeometry:
 
     @classmethod
     def of(cls, model: nn.Module) -> "FrameGeometry":
+        """Of any model :func:`encoder_model` reads."""
+        model = encoder_model(model)
         convs = tuple((m.kernel_size[0], m.stride[0]) for m in model.feature_extractor.modules()
                       if isinstance(m, nn.Conv1d))
         if not convs:
@@ -220,14 +225,41 @@ def read_audio(utt: Utterance, normalize: bool) -> Tensor:
     return F.layer_norm(wav, wav.shape) if normalize else wav
 
 
+def encoder_model(model: nn.Module) -> nn.Module:
+    """The HuBERT-family model (``feature_extractor``, ``encoder``, ``extract_features``) inside a
+    checkpoint's model: itself (pre-trained hubert / mamba_hubert), ``w2v_encoder.w2v_model``
+    (hubert_ctc fine-tuned or from scratch, hubert_ctc_head) or ``encoder_model`` (hubert_enhancer)."""
+    inner = model.w2v_encoder.w2v_model if hasattr(model, "w2v_encoder") else getattr(model, "encoder_model", model)
+    if not all(hasattr(inner, a) for a in ("feature_extractor", "encoder", "extract_features")):
+        raise ValueError(f"a {type(model).__name__} holds no HuBERT-family encoder; give a hubert, mamba_hubert, "
+                         "hubert_ctc, hubert_ctc_head or hubert_enhancer checkpoint")
+    return inner
+
+
+def head_layers(model: nn.Module) -> int:
+    """H: the layers a hubert_ctc_head model puts between its encoder and the CTC projection (0 otherwise)."""
+    return len(getattr(getattr(model, "w2v_encoder", None), "head", None) or ())
+
+
+def _placeholder_rows(state: Dict) -> Optional[int]:
+    """Symbols of the single label dictionary the checkpoint's weights were built for (None: unknown):
+    the pre-training label embeddings' rows, or the CTC projection's outputs; 4 specials included."""
+    weights = state["model"]
+    for key in ("label_embs_concat", "w2v_encoder.proj.weight"):
+        if key in weights:
+            return weights[key].shape[0]
+    return None
+
+
 def load_checkpoint(path: str):
     """(model in eval mode, model name, task normalize flag) via fairseq's checkpoint loading.
 
-    fairseq's hubert_pretraining task reads ``dict.<label>.txt`` from the label_dir saved in the
-    checkpoint, which rarely exists where the checkpoint is analysed (a released HuBERT, a moved
-    run). The labels play no part here, so when a dictionary is missing the task reads
-    placeholder ones, as many symbols as the checkpoint's label embeddings have rows."""
-    import fairseq_mamba  # noqa: F401  (registers mamba_hubert; weights_only allow-list)
+    Any checkpoint :func:`encoder_model` reads. fairseq's hubert_pretraining task reads
+    ``dict.<label>.txt`` from the label_dir saved in the checkpoint, which rarely exists where the
+    checkpoint is analysed (a released HuBERT, a moved run). The labels play no part here, so when
+    a dictionary is missing the task reads a placeholder one, as many symbols as the checkpoint's
+    label embeddings (pre-trained) or CTC projection (fine-tuned) have rows."""
+    import fairseq_mamba  # noqa: F401  (registers our models and task; weights_only allow-list)
     from fairseq import checkpoint_utils
     from omegaconf import open_dict
 
@@ -239,26 +271,27 @@ def load_checkpoint(path: str):
         label_dir = task_cfg.get("label_dir") or task_cfg.get("data")
         labels = list(task_cfg.get("labels") or [])
         if labels and not all(os.path.isfile(f"{label_dir}/dict.{label}.txt") for label in labels):
-            rows = state["model"].get("label_embs_concat")
+            rows = _placeholder_rows(state)
             if rows is None or len(labels) != 1:
                 raise ValueError(f"checkpoint {path}: its task needs dict.{'/'.join(labels)}.txt in {label_dir}, "
                                  "which is missing; copy the dictionaries there")
             with open(os.path.join(placeholder, f"dict.{labels[0]}.txt"), "w") as f:
-                f.writelines(f"placeholder{i} 1\n" for i in range(rows.shape[0] - 4))  # + 4 specials
+                f.writelines(f"placeholder{i} 1\n" for i in range(rows - 4))  # + 4 specials
             with open_dict(task_cfg):
                 task_cfg.label_dir = placeholder
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     model = models[0].eval()
-    if not all(hasattr(model, a) for a in ("feature_extractor", "encoder", "extract_features")):
-        raise ValueError(f"checkpoint {path} holds a {cfg.model._name} model; give a pre-trained hubert or "
-                         "mamba_hubert checkpoint (fine-tuned models are not supported)")
+    try:
+        encoder_model(model)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path} holds a {cfg.model._name} model: {err}") from None
     return model, cfg.model._name, bool(getattr(task.cfg, "normalize", False))
 
 
 def batch_consistent(model: nn.Module) -> bool:
     """False for conv stacks with a GroupNorm (``extractor_mode=default``, HuBERT Base): it
     normalises over the whole padded time axis, so padding changes every frame."""
-    return not any(isinstance(m, nn.GroupNorm) for m in model.feature_extractor.modules())
+    return not any(isinstance(m, nn.GroupNorm) for m in encoder_model(model).feature_extractor.modules())
 
 
 @contextmanager
@@ -291,43 +324,67 @@ def _batches(lengths: Sequence[int], batch_seconds: float) -> List[List[int]]:
     return batches
 
 
+@contextmanager
+def layer_forward(model: nn.Module):
+    """Within the block, a function (source (B, S), padding_mask (B, S) or None) -> [layer 0, ...,
+    layer L, head layer 1, ..., head layer H], each (B, T, C), T = the batch's conv frames.
+
+    A model with ``w2v_encoder.layer_outputs`` (hubert_ctc_head: the encoder layers it feeds the
+    head, then the head's) gives them itself; for every other model forward hooks capture the
+    encoder layers' inputs and outputs of one ``extract_features`` pass. Either way the
+    encoder's frame mask is exact (:func:`exact_frame_mask`)."""
+    inner = encoder_model(model)
+    owner = getattr(model, "w2v_encoder", None)
+    with exact_frame_mask(inner, FrameGeometry.of(inner)):
+        if hasattr(owner, "layer_outputs"):
+            yield lambda source, pad: list(owner.layer_outputs(source, pad)[0])
+            return
+        layers = inner.encoder.layers
+        captured: List[Tensor] = []
+        hooks = [layers[0].register_forward_pre_hook(lambda mod, args: captured.append(args[0]))]
+        hooks += [layer.register_forward_hook(lambda mod, args, out: captured.append(out[0])) for layer in layers]
+
+        def forward(source: Tensor, pad: Optional[Tensor]) -> List[Tensor]:
+            captured.clear()
+            inner.extract_features(source, padding_mask=pad, mask=False)
+            if len(captured) != len(layers) + 1:
+                raise RuntimeError(f"captured {len(captured)} layer outputs for {len(layers)} layers (layerdrop?)")
+            return [h.transpose(0, 1) for h in captured]  # T x B x C -> B x T x C
+
+        try:
+            yield forward
+        finally:
+            for h in hooks:
+                h.remove()
+
+
 @torch.no_grad()
 def extract_layers(model: nn.Module, waves: Sequence[Tensor], keep: Optional[Sequence[np.ndarray]] = None,
                    batch_seconds: float = 0.0, progress: Optional[Callable[[int], None]] = None) -> List[Tensor]:
-    """[layer 0, layer 1, ..., layer L], each (N, D) float32: every utterance's valid frames, in
-    utterance order (utterance i contributes its ``keep[i]`` frame indices, default all
-    ``n_frames(len(waves[i]))``).
+    """[layer 0, layer 1, ..., layer L, head layer 1, ..., head layer H], each (N, D) float32:
+    every utterance's valid frames, in utterance order (utterance i contributes its ``keep[i]``
+    frame indices, default all ``n_frames(len(waves[i]))``). ``model``: any model
+    :func:`encoder_model` reads (:func:`layer_forward` says which layers); H = :func:`head_layers`.
 
     waves: 1-D float tensors. Utterances are batched in length order up to ``batch_seconds`` of
     padded audio per batch (0: one utterance per forward, no padding at all); padded batches
     give each utterance its solo features (exact frame mask; models whose conv stack has a
     GroupNorm always run solo). ``progress(n_done_utterances)`` is called after each batch."""
-    layers = model.encoder.layers
     geometry = FrameGeometry.of(model)
-    captured: List[Tensor] = []
-    hooks = [layers[0].register_forward_pre_hook(lambda mod, args: captured.append(args[0]))]
-    hooks += [layer.register_forward_hook(lambda mod, args, out: captured.append(out[0])) for layer in layers]
     if not batch_consistent(model):
         batch_seconds = 0.0
     per_utt: List[Optional[List[Tensor]]] = [None] * len(waves)
-    try:
-        with exact_frame_mask(model, geometry):
-            for batch in _batches([len(w) for w in waves], batch_seconds):
-                source = torch.zeros(len(batch), max(len(waves[i]) for i in batch))
-                pad = torch.ones(source.shape, dtype=torch.bool)
-                for b, i in enumerate(batch):
-                    source[b, :len(waves[i])], pad[b, :len(waves[i])] = waves[i], False
-                captured.clear()
-                model.extract_features(source, padding_mask=pad if pad.any() else None, mask=False)
-                if len(captured) != len(layers) + 1:
-                    raise RuntimeError(f"captured {len(captured)} layer outputs for {len(layers)} layers (layerdrop?)")
-                for b, i in enumerate(batch):
-                    n = geometry.n_frames(len(waves[i]))
-                    rows = torch.as_tensor(keep[i]) if keep is not None else torch.arange(n)
-                    per_utt[i] = [h[:n, b][rows].float() for h in captured]  # T x B x C -> (kept, C)
-                if progress is not None:
-                    progress(sum(p is not None for p in per_utt))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat([u[k] for u in per_utt]) for k in range(len(layers) + 1)]  # type: ignore[index]
+    with layer_forward(model) as forward:
+        for batch in _batches([len(w) for w in waves], batch_seconds):
+            source = torch.zeros(len(batch), max(len(waves[i]) for i in batch))
+            pad = torch.ones(source.shape, dtype=torch.bool)
+            for b, i in enumerate(batch):
+                source[b, :len(waves[i])], pad[b, :len(waves[i])] = waves[i], False
+            outputs = forward(source, pad if pad.any() else None)
+            for b, i in enumerate(batch):
+                n = geometry.n_frames(len(waves[i]))
+                rows = torch.as_tensor(keep[i]) if keep is not None else torch.arange(n)
+                per_utt[i] = [h[b, :n][rows].float() for h in outputs]
+            if progress is not None:
+                progress(sum(p is not None for p in per_utt))
+    return [torch.cat([u[k] for u in per_utt]) for k in range(len(per_utt[0]))]  # type: ignore[index]

@@ -15,7 +15,14 @@ utterance, with four targets:
 * ``units``: k-means units, either applied here to that MFCC frame (``--kmeans``, the
   iteration-1 MFCC k-means of run_scripts/03, common to every model) or read from a label file
   (``--units``, one line per manifest row, 100 Hz or the model's rate);
-* ``phones``: frame phone labels (``--phones``, e.g. examples/corpus/data/test.phn, 100 Hz).
+* ``phones``: frame phone labels (``--phones``, e.g. examples/corpus/data/test.phn, 100 Hz);
+* ``input`` (only when asked for, ``--targets ... input``): layer 0 itself, the seed paper's own
+  procedure (:mod:`.utterance_mine`: MINE-DV per utterance, in-sample, averaged over utterances).
+
+Checkpoints: pre-trained hubert / mamba_hubert, fine-tuned or from-scratch hubert_ctc (its
+encoder), hubert_ctc_head (encoder layers, then head layers, on one axis: "encoder_layers" and
+"head_layers" in the JSON) and hubert_enhancer (the reconstruction model's encoder); see
+:func:`.layer_features.encoder_model`.
 
 Estimators per target are fixed in ``ESTIMATORS`` (chosen by the validation in
 :mod:`.validate_estimators`). Every layer of a model uses the same seed, hence the same
@@ -40,18 +47,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layer_features import (PHONE_WIN, UNIT_WIN, FrameGeometry, Utterance, extract_layers, kmeans_units,
-                             load_checkpoint, read_audio, read_labels, read_manifest, read_mfcc)
+from .layer_features import (PHONE_WIN, UNIT_WIN, FrameGeometry, Utterance, encoder_model, extract_layers,
+                             head_layers, kmeans_units, load_checkpoint, read_audio, read_labels, read_manifest,
+                             read_mfcc)
 from .mi_plots import plot_layer_mi
 from .mutual_information import MIEstimate, entropy_miller_madow, estimate_mi
 from .reconstruction import N_CODES, PCA, layer0_codes, permuted
 
-TARGETS = ("layer0", "mfcc", "units", "phones")
+TARGETS = ("layer0", "mfcc", "units", "phones", "input")
+DEFAULT_TARGETS = TARGETS[:4]
 # target -> (method, options), chosen by `python -m fairseq_mamba.analysis.validate_estimators`
 # (numbers in the README): InfoNCE on the top 32 principal components for every target (layer0's
-# target is discrete too: layer 0's k-means code, see .reconstruction).
+# target is discrete too: layer 0's k-means code, see .reconstruction). "input" is the seed paper's
+# own procedure (.utterance_mine): layer 0 itself, MINE-DV per utterance, in-sample, averaged.
 _INFONCE = dict(pca=PCA, hidden=64, embed=64, batch_size=256, lr=3e-3, max_steps=1000, eval_every=25)
-ESTIMATORS: Dict[str, Tuple[str, Dict]] = {target: ("infonce", _INFONCE) for target in TARGETS}
+ESTIMATORS: Dict[str, Tuple[str, Dict]] = {target: ("infonce", _INFONCE) for target in DEFAULT_TARGETS}
+# (measured in validate_estimators --kinds utterance; the paper reduced nothing: without the PCA, a
+# 64-wide critic and 200 steps read 135 nats for independent 32-d Gaussians, in-sample)
+ESTIMATORS["input"] = ("mine_utterance", dict(pca=8, steps=100, hidden=32, embed=16, lr=1e-3, max_utterances=10))
 CSV_FIELDS = ("model", "checkpoint", "layer", "target", "method", "pca", "mi_nats", "std_nats", "repeats",
               "frames", "n_fit", "n_heldout", "ceiling_nats", "entropy_nats", "seconds")
 
@@ -123,20 +136,27 @@ def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utteran
     t0 = time.time()
     waves = [read_audio(u, normalize) for u in utts]
     layers = extract_layers(model, waves, keep, args.batch_seconds)
-    log(f"{name}: {len(layers) - 1} layers, {layers[0].shape[0]} frames x {layers[0].shape[1]} dims "
-        f"extracted in {time.time() - t0:.1f}s")
-    codes, h_codes = layer0_codes(layers[0], args.layer0_codes, PCA, args.seed)
-    log(f"{name}: layer-0 codebook, {args.layer0_codes} cells, H(c0) = {h_codes:.3f} nats")
-    targets = {"layer0": codes, **{t: streams[t] for t in TARGETS[1:] if t in streams}}
-    entropy = {"layer0": h_codes, **{t: entropy_miller_madow(np.bincount(targets[t].numpy()))
-                                     for t in ("units", "phones") if t in targets}}
-    entry: Dict = {"checkpoint": os.path.abspath(path), "layers": len(layers) - 1, "frames": int(layers[0].shape[0]),
-                   "layer0_codes": args.layer0_codes, "layer0_entropy": round(h_codes, 4), "std": {}}
+    n_head = head_layers(model)
+    log(f"{name}: {len(layers) - 1 - n_head} encoder + {n_head} head layers, {layers[0].shape[0]} frames x "
+        f"{layers[0].shape[1]} dims extracted in {time.time() - t0:.1f}s")
+    clock.total += (len(layers) - 1 - estimated_layers(model)) * len(args.targets)  # feature_layer < L
+    entry: Dict = {"checkpoint": os.path.abspath(path), "layers": len(layers) - 1,
+                   "encoder_layers": len(layers) - 1 - n_head, "head_layers": n_head,
+                   "frames": int(layers[0].shape[0]), "std": {}}
+    targets = {t: streams[t] for t in args.targets if t in streams}
+    entropy = {t: entropy_miller_madow(np.bincount(targets[t].numpy())) for t in ("units", "phones") if t in targets}
+    if "input" in args.targets:
+        targets = {**targets, "input": layers[0]}
+    if "layer0" in args.targets:
+        codes, entropy["layer0"] = layer0_codes(layers[0], args.layer0_codes, PCA, args.seed)
+        log(f"{name}: layer-0 codebook, {args.layer0_codes} cells, H(c0) = {entropy['layer0']:.3f} nats")
+        entry.update(layer0_codes=args.layer0_codes, layer0_entropy=round(entropy["layer0"], 4))
+        targets = {"layer0": codes, **targets}
     points = [(k, target) for k in range(len(layers)) for target in targets]
     tasks = [(layers[k], targets[target], *ESTIMATORS[target][:1], args.seed, args.repeats, streams["groups"],
               ESTIMATORS[target][1]) for k, target in points]
-    # the null: layer 0 against its codes in a random order (independent, same histogram)
-    tasks.append((layers[0], permuted(codes, args.seed), *tasks[0][2:]))
+    if "layer0" in targets:  # the null: layer 0 against its codes in a random order (independent, same histogram)
+        tasks.append((layers[0], permuted(codes, args.seed), *tasks[0][2:]))
     results = run_all(tasks, pool)
     rows, parts = [], []
     for (k, target), (est, seconds) in zip(points, results):
@@ -153,11 +173,17 @@ def analyse(name: str, path: str, model, normalize: bool, utts: Sequence[Utteran
         if len(parts) == len(targets):
             log(f"{name} layer {k:2d}/{len(layers) - 1}: " + "  ".join(parts) + f"   [{clock}]")
             parts = []
-    null, _ = next(results)
-    entry["layer0_null"] = round(null.value, 4)
-    clock.tick()
-    log(f"{name}: layer 0 against permuted codes (the null, ~0): {null.value:.3f}±{null.std:.3f}   [{clock}]")
+    if "layer0" in targets:
+        null, _ = next(results)
+        entry["layer0_null"] = round(null.value, 4)
+        clock.tick()
+        log(f"{name}: layer 0 against permuted codes (the null, ~0): {null.value:.3f}±{null.std:.3f}   [{clock}]")
     return entry, rows
+
+
+def estimated_layers(model) -> int:
+    """Encoder plus head layers before extraction (a hubert_ctc_head model may feed its head from an earlier layer)."""
+    return len(encoder_model(model).encoder.layers) + head_layers(model)
 
 
 class Progress:
@@ -186,6 +212,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                                         "cluster of each frame's MFCC")
     units.add_argument("--units", help="unit labels, one line per manifest row (e.g. run_scripts/04 {split}.km)")
     p.add_argument("--phones", help="phone labels at 100 Hz, one line per manifest row (examples/corpus/data/*.phn)")
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(DEFAULT_TARGETS),
+                   help="what each layer is paired with (default: %(default)s; units/phones only when given). "
+                        "input: layer 0 itself by the seed paper's procedure (MINE-DV per utterance, "
+                        "fairseq_mamba.analysis.utterance_mine)")
     p.add_argument("--layer0-codes", type=int, default=N_CODES, help="cells of each model's layer-0 k-means "
                                                                      f"codebook, the layer0 target (default {N_CODES})")
     p.add_argument("--repeats", type=int, default=2, help="estimates per point (new split and critic each); "
@@ -208,7 +238,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             raise ValueError(f"checkpoint {path} does not exist")
     result: Dict = {"manifest": os.path.abspath(args.manifest), "utterances": len(utts), "seed": args.seed,
                     "repeats": args.repeats, "models": {}, "targets": {},
-                    "estimators": {t: {"method": m, "options": o} for t, (m, o) in ESTIMATORS.items()}}
+                    "estimators": {t: {"method": m, "options": o} for t, (m, o) in ESTIMATORS.items()
+                                   if t in args.targets}}
     models = []
     for name, path in specs:  # all loaded first: names and sizes are checked before any work
         model, model_name, normalize = load_checkpoint(path)
@@ -216,8 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if name in [m[0] for m in models]:
             raise ValueError(f"two checkpoints are named {name!r}; name them: NAME=PATH")
         models.append((name, path, model, model_name, normalize))
-    n_targets = 2 + sum(source is not None for source in (args.kmeans or args.units, args.phones))  # + layer0, mfcc
-    clock = Progress(sum((len(m[2].encoder.layers) + 1) * n_targets + 1 for m in models))  # + 1: the null
+    args.targets = [t for t in args.targets if t not in ("units", "phones")
+                    or (args.kmeans or args.units if t == "units" else args.phones)]
+    n_null = int("layer0" in args.targets)
+    clock = Progress(sum((estimated_layers(m[2]) + 1) * len(args.targets) + n_null for m in models))
     rows: List[Dict] = []
     cache: Dict[Tuple, Tuple] = {}
     pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) if args.jobs > 1 else None
@@ -231,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                 describe_targets(result, cache[geometry.convs][1], args)
             keep, streams = cache[geometry.convs]
             log(f"{name} ({model_name}): {len(utts)} utterances, {len(streams['groups'])} frames, "
-                f"{(len(model.encoder.layers) + 1) * n_targets + 1} estimates x {args.repeats} repeats")
+                f"{(estimated_layers(model) + 1) * len(args.targets) + n_null} estimates x {args.repeats} repeats")
             entry, model_rows = analyse(name, path, model, normalize, utts, streams, keep, args, clock, pool)
             entry["model"] = model_name
             result["models"][name], rows = entry, rows + model_rows
@@ -252,12 +285,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 def describe_targets(result: Dict, streams: Dict[str, Tensor], args) -> None:
     """result["targets"]: source and size of each target; label entropy H(y) (plug-in,
     Miller-Madow, all frames), the ceiling of any estimate of I(layer; labels)."""
-    result["targets"]["layer0"] = {"source": "each model's layer-0 k-means code (fairseq_mamba.analysis."
-                                             "reconstruction; its entropy: models[NAME].layer0_entropy)",
-                                   "classes": args.layer0_codes, "pca": PCA}
-    result["targets"]["mfcc"] = {"source": "fairseq MfccFeatureReader (39-d)", "dim": int(streams["mfcc"].shape[1])}
+    n_utts = len(torch.unique(streams["groups"]))
+    described = {"layer0": {"source": "each model's layer-0 k-means code (fairseq_mamba.analysis."
+                                      "reconstruction; its entropy: models[NAME].layer0_entropy)",
+                            "classes": args.layer0_codes, "pca": PCA},
+                 "mfcc": {"source": "fairseq MfccFeatureReader (39-d)", "dim": int(streams["mfcc"].shape[1])},
+                 "input": {"source": "each model's layer 0 itself, the seed paper's MINE-DV per utterance "
+                                     "(fairseq_mamba.analysis.utterance_mine)",
+                           "mean_frames_per_utterance": round(len(streams["groups"]) / n_utts, 1)}}
+    result["targets"].update({t: v for t, v in described.items() if t in args.targets})
     for target, source in (("units", args.kmeans or args.units), ("phones", args.phones)):
-        if target in streams:
+        if target in streams and target in args.targets:
             counts = np.bincount(streams[target].numpy())
             result["targets"][target] = {"source": os.path.abspath(source), "classes": int((counts > 0).sum()),
                                          "entropy_nats": round(entropy_miller_madow(counts), 4)}

@@ -8,6 +8,7 @@ TITLES = {
     "mfcc": "I(layer k; MFCC input)",
     "units": "I(layer k; k-means units)",
     "phones": "I(layer k; phone labels)",
+    "input": "I(layer k; layer 0), MINE-DV per utterance  [the paper's procedure]",
 }
 
 

@@ -19,6 +19,11 @@ seconds. Cases:
   coordinates, or after adding noise (exact truth, ``ground_truth.quantised_channel``); and
   layer 0's own 64-cell k-means code (the analysis's codebook, truth H(c0)) against layer 0 and
   an invertible map of it. "plugin" there is I(code of layer k; c0), the k-means plug-in;
+* utterance (the seed paper's procedure, ``layer_mi --targets input``): correlated Gaussians
+  (0.5 / 2 / 5 nats, d = 8 and 32) cut into "utterances" of ``UTTERANCE_FRAMES`` frames, the
+  deterministic case y = x (infinite MI: where each estimator saturates) and independence;
+  estimated per utterance in-sample (the paper's way), per utterance held-out, and by the
+  default pooled InfoNCE over all frames;
 * independence: the same shapes with MI = 0, which shows each method's bias at zero.
 """
 from __future__ import annotations
@@ -35,6 +40,8 @@ from .ground_truth import gaussian_mixture, gaussian_pair, mixed_gaussian_pair, 
 from .layer_mi import ESTIMATORS
 from .mutual_information import estimate_mi
 from .reconstruction import layer0_codes
+
+UTTERANCE_FRAMES = 150  # ~ the bundled test split's mean frames per utterance at 50 Hz (9085 / 61)
 
 
 def cases(n: int) -> List[Tuple[str, str, Tensor, Tensor, float]]:
@@ -60,11 +67,22 @@ def cases(n: int) -> List[Tuple[str, str, Tensor, Tensor, float]]:
                 0.0))
     out.append(("coded", "independent d=32, 64 codes", torch.randn(n, 32, generator=g),
                 torch.randint(64, (n,), generator=g), 0.0))
+    out += [("utterance", f"gaussian d={d} I={mi}, utterances", *gaussian_pair(mi, d, n), mi)
+            for d in (8, 32) for mi in (0.5, 2.0, 5.0)]
+    x = torch.randn(n, 32, generator=g)
+    out.append(("utterance", "y = x d=32 (infinite MI), utterances", x, x.clone(), float("inf")))
+    out.append(("utterance", "independent d=32, utterances", torch.randn(n, 32, generator=g),
+                torch.randn(n, 32, generator=g), 0.0))
     return out
 
 
 def alternatives(kind: str) -> Dict[str, Tuple[str, Dict]]:
     """label -> (method, options): the chosen estimator first, then the rejected alternatives."""
+    if kind == "utterance":
+        method, options = ESTIMATORS["input"]
+        return {"paper (mine_utterance, in-sample)": (method, options),
+                "mine_utterance held-out 0.3": (method, dict(options, held_out=0.3)),
+                "default (infonce, pca 32, pooled)": ESTIMATORS["mfcc"]}
     target = {"continuous": "mfcc", "discrete": "units", "coded": "layer0"}[kind]
     method, options = ESTIMATORS[target]
     out = {f"chosen ({method}, pca {options.get('pca')})": (method, options), "mine": ("mine", options)}
@@ -80,8 +98,9 @@ def alternatives(kind: str) -> Dict[str, Tuple[str, Dict]]:
 def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(prog="python -m fairseq_mamba.analysis.validate_estimators", description=__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=9085)
-    p.add_argument("--kinds", nargs="+", choices=("continuous", "discrete", "coded"),
-                   default=("continuous", "discrete", "coded"), help="which kinds of cases to run (default: all)")
+    p.add_argument("--kinds", nargs="+", choices=("continuous", "discrete", "coded", "utterance"),
+                   default=("continuous", "discrete", "coded", "utterance"),
+                   help="which kinds of cases to run (default: all)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     rows = []
@@ -91,12 +110,13 @@ def main(argv=None) -> List[Dict]:
             continue
         for label, (method, options) in alternatives(kind).items():
             t = time.time()
-            est = estimate_mi(x, y, method=method, **options)
-            err = (est.value - true) / true if true else est.value - true
+            groups = torch.arange(len(x)) // UTTERANCE_FRAMES  # utterances, for the utterance kind
+            est = estimate_mi(x, y, method=method, **options, **({"groups": groups} if kind == "utterance" else {}))
+            err = (est.value - true) / true if 0 < true < float("inf") else est.value - true if true == 0 else float("nan")
             rows.append(dict(kind=kind, case=name, true=round(true, 4), estimator=label, method=method,
-                             estimate=round(est.value, 4), error=round(err, 4), relative=bool(true),
+                             estimate=round(est.value, 4), error=round(err, 4), relative=0 < true < float("inf"),
                              seconds=round(time.time() - t, 1)))
-            shown = f"{err:+8.1%}" if true else f"{err:+8.3f}"
+            shown = f"{err:+8.1%}" if 0 < true < float("inf") else f"{err:+8.3f}"  # nan: infinite truth
             print(f"{name:38s} {true:6.3f}  {label:28s} {est.value:8.3f} {shown} {time.time() - t:5.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,2 +1,3 @@
 from .hubert_ctc_head import HubertCtcHead, HubertCtcHeadConfig  # noqa: F401
 from .mamba_hubert import MambaEncoder, MambaHubertConfig, MambaHubertModel  # noqa: F401
+from .hubert_enhancer import HubertEnhancerConfig, HubertEnhancerModel  # noqa: F401

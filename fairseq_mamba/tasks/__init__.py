@@ -1,0 +1,1 @@
+from . import speech_enhancement  # noqa: F401  (registers the speech_enhancement task)
