@@ -29,6 +29,8 @@ PT1=${PT1_UPDATES:-$((500 * S))}
 PT2=${PT2_UPDATES:-$((250 * S))}
 FT=${FT_UPDATES:-$((1500 * S))}
 HEAD=${HEAD:-conformer}  # the extra module of the paper's experiment: conformer | transformer | bimamba
+RECON=${RECON_UPDATES:-$((300 * S))}  # stage 10, the reconstruction (speech enhancement) models
+MI_TARGETS=${MI_TARGETS:-layer0 phones input}  # stage 09 (layer_mi --targets; also: mfcc units)
 K1=${K1:-50}; K2=${K2:-50}
 mkdir -p "$W/logs"
 for s in train valid test; do
@@ -36,7 +38,8 @@ for s in train valid test; do
 done
 cat >"$W/settings.json" <<JSON
 {"DEMO_SCALE": $S, "MODELS": "$MODELS", "PARALLEL": $PARALLEL, "TRAIN_UTTS": "${TRAIN_UTTS:-all}",
- "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2, "HEAD": "$HEAD"}
+ "PT1_UPDATES": $PT1, "PT2_UPDATES": $PT2, "FT_UPDATES": $FT, "K1": $K1, "K2": $K2, "HEAD": "$HEAD",
+ "RECON_UPDATES": $RECON, "MI_TARGETS": "$MI_TARGETS"}
 JSON
 uptime >>"$W/load.txt"
 echo "[demo] scale $S: pre-train $PT1 + $PT2 updates, fine-tune $FT updates, models: $MODELS (parallel: $PARALLEL)"
@@ -66,6 +69,10 @@ step "04 labels (iteration 1)"; q 04_labels_iter1 bash run_scripts/04_labels.sh 
 # chain MODEL NJ: stages 05-08 of one model (NJ feature shards); the from-scratch run starts beside it
 # once iteration 1 is trained, the fine-tuning variants follow iteration 2
 chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_last.pt"
+  step "10 reconstruction model (speech enhancement), $m encoder ($RECON updates), beside the chain"
+  timed "10_reconstruction_$m" bash run_scripts/10_reconstruction.sh "$m" "$W/data" "$W/reconstruction/$m" \
+    optimization.max_update="$RECON" common.log_interval=$((RECON / 5 > 0 ? RECON / 5 : 1)) \
+    checkpoint.save_interval_updates="$RECON" >>"$W/logs/10_reconstruction_$m.log" 2>&1 & local recon_pid=$!
   step "05 pre-train $m iteration 1 ($PT1 updates)"
   timed "05_pretrain_${m}_iter1" bash run_scripts/05_pretrain.sh "$m" 1 "$W/data" "$W/labels/iter1" "$W/pretrain/${m}_iter1" \
     optimization.max_update="$PT1" common.log_interval=$((PT1 / 8 > 0 ? PT1 / 8 : 1)) \
@@ -90,6 +97,7 @@ chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_la
   finetune "$m" alone
   finetune "$m" "$HEAD"
   wait "$scratch_pid"
+  wait "$recon_pid" || { tail -20 "$W/logs/10_reconstruction_$m.log" >&2; return 1; }
 }
 
 # finetune MODEL VARIANT: stage 07 + 08 of one ASR variant, the same data, schedule, seed and decoding
@@ -125,9 +133,14 @@ else
   for m in $MODELS; do chain "$m" 2; done
 fi
 step "09 mutual information per layer (test split)"
-mi_ckpts=(); for m in $MODELS; do mi_ckpts+=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"); done
-phones=""; [[ -f "$CORPUS/test.phn" ]] && phones="$CORPUS/test.phn"  # a prepared corpus has no phone labels
-KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 \
+# every checkpoint of the paper's analysis: pre-trained, fine-tuned alone, with the head, from scratch,
+# and the reconstruction model (names as make_report/report_experiment read them)
+mi_ckpts=(); for m in $MODELS; do mi_ckpts+=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"
+  "${m}_alone=$W/finetune/$m/checkpoints/checkpoint_best.pt" "${m}_$HEAD=$W/finetune/${m}_$HEAD/checkpoints/checkpoint_best.pt"
+  "${m}_scratch=$W/finetune/${m}_scratch/checkpoints/checkpoint_best.pt" "${m}_recon=$W/reconstruction/$m/checkpoints/checkpoint_last.pt")
+done
+phones=""; [[ -f "$CORPUS/test.phn" ]] && phones="$CORPUS/test.phn"
+KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 MI_ARGS="--targets $MI_TARGETS" \
   q 09_mi bash run_scripts/09_mi_analysis.sh "$W/data/test.tsv" "$W/mi" "${mi_ckpts[@]}"
 step "report"
 uptime >>"$W/load.txt"

@@ -12,7 +12,7 @@ import os
 import re
 
 VARIANTS = ("scratch", "alone", "head")
-MI_TARGETS = ("layer0", "mfcc", "units", "phones")
+MI_TARGETS = ("layer0", "mfcc", "units", "phones", "input")
 MI_EXTRA = ("std", "encoder_layers", "head_layers")
 # The papers' LibriSpeech numbers, from a summary of them (not our measurements): test-clean WER %.
 PAPER = {
