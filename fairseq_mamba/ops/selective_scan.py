@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan
+from fairseq_mamba.ops.scan_kernel import KernelSelectiveScan, kernel_applies
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +135,20 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False, initial_state=None):
-    """mamba-ssm's CUDA kernel on GPU when available (and no ``initial_state``), else the
-    chunked PyTorch path."""
+    """mamba-ssm's CUDA kernel on GPU when available (and no ``initial_state``), the
+    compiled CPU kernel (scan_kernel.py) on CPU where it builds, else the chunked
+    PyTorch path."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if u.is_cuda and HAS_CUDA_SCAN and initial_state is None:
         return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                  return_last_state)
-    out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
-                                                 _as_grouped(C), D, z, delta_bias,
-                                                 bool(delta_softplus), CHUNK, initial_state)
+    if kernel_applies(u, A):
+        out, last_state = KernelSelectiveScan.apply(u, delta, A, _as_grouped(B),
+                                                    _as_grouped(C), D, z, delta_bias,
+                                                    bool(delta_softplus), initial_state)
+    else:
+        out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
+                                                     _as_grouped(C), D, z, delta_bias,
+                                                     bool(delta_softplus), CHUNK,
+                                                     initial_state)
     return (out, last_state) if return_last_state else out

@@ -1,0 +1,148 @@
+"""The compiled CPU selective scan (csrc/selective_scan_cpu.cpp) and its autograd Function.
+
+Same math and arguments as ``selective_scan_reference`` (selective_scan.py). Each
+(batch, channel) is one sequential loop over time with its d_state states in
+registers, spread over torch's intra-op threads (``at::parallel_for``); the
+(b, d, l, n) state is never stored. Forward saves the state at every ``CHUNK``-step
+boundary; backward recomputes one chunk's states at a time from it (chunk x n values,
+in L1) and runs the adjoint recurrence over them.
+
+Why a C++ extension: measured on the 2-core AVX-512 box (BENCHMARKS.md), the C++
+forward+backward costs about 4 elementwise passes of the state against 16.9 for the
+eager chunked scan; a naive numba loop was slower than the chunked scan and
+torch.compile cannot fuse a sequential recurrence. Why built just in time
+(``torch.utils.cpp_extension.load``, cached under TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions) rather than by setup.py: an editable install would
+silently keep a stale .so after the source changes, while ``load`` hashes the source
+and rebuilds; the cold build (~30 s here, with ninja) happens once per machine, in
+run_scripts/setup_env.sh. Where the build or the load fails, ``load_kernel`` logs one
+warning and returns None, and ``selective_scan`` uses the chunked PyTorch scan.
+Set FAIRSEQ_MAMBA_SCAN_KERNEL=0 to use the chunked scan without trying.
+
+Layouts handed to C++: (b, d, l) values and (b, g, l, n) time-major B and C, all
+contiguous in the compute dtype (fp32, or fp64 for fp64 inputs).
+"""
+
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 64  # steps between saved states: bounds cost n/CHUNK of the inputs' size
+MAX_STATE = 256  # d_state the kernel takes (its register arrays); larger: chunked scan
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
+CFLAGS = ["-O3", "-fopenmp-simd"]
+
+_lock = threading.Lock()
+_ext = None
+_tried = False
+
+
+def _cflags():
+    """-O3; AVX2+FMA where torch says the CPU has them (the exp2 loop runs ~4x faster
+    than with SSE2, measured), named in the build so each kind of CPU gets its own."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    simd = ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+    return ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + simd, ("avx2" if simd else "base")
+
+
+def load_kernel():
+    """The compiled extension module, built on first use; None where unavailable."""
+    global _ext, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            if os.environ.get("FAIRSEQ_MAMBA_SCAN_KERNEL", "1") == "0":
+                return None
+            try:
+                from torch.utils.cpp_extension import load
+
+                cflags, tag = _cflags()
+                _ext = load(name=f"fairseq_mamba_selective_scan_cpu_{tag}",
+                            sources=[str(SOURCE)], extra_cflags=cflags, verbose=False)
+            except Exception as exc:  # no compiler / ninja, a build error, a bad .so
+                logger.warning("fairseq_mamba: CPU selective-scan kernel unavailable (%s); "
+                               "using the chunked PyTorch scan", str(exc).splitlines()[0])
+        return _ext
+
+
+def kernel_applies(u, A):
+    """Whether KernelSelectiveScan takes these inputs (CPU, d_state <= MAX_STATE)."""
+    return u.device.type == "cpu" and A.shape[1] <= MAX_STATE and load_kernel() is not None
+
+
+def _c(t, ct):
+    return None if t is None else t.to(ct).contiguous()
+
+
+def _time_major(t, ct):
+    """(b, g, n, l) -> contiguous (b, g, l, n) in ct."""
+    return t.to(ct).transpose(-1, -2).contiguous()
+
+
+def _cast(grad, dtype, needed):
+    return grad.to(dtype) if needed and dtype is not None else None
+
+
+class KernelSelectiveScan(torch.autograd.Function):
+    """apply(u, delta, A, B, C, D, z, delta_bias, softplus, h0=None, chunk=CHUNK), like
+    ChunkedSelectiveScan: B, C grouped (b, g, n, l); h0 (b, d, n) or None; chunk: the
+    steps between the states saved for backward.
+    Returns (out (b, d, l) in u's dtype, last_state (b, d, n) in the compute dtype).
+
+    dt = softplus(delta + delta_bias) and gate = silu(z) are computed here with
+    torch's vectorised ops (per step, not per state: 1/d_state of the scan's work).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0=None, chunk=CHUNK):
+        ctx.set_materialize_grads(False)
+        ct = torch.promote_types(torch.float32, u.dtype)
+        with torch.autocast(u.device.type, enabled=False):
+            dt = _c(delta, ct)
+            if delta_bias is not None:
+                dt = dt + delta_bias.to(ct)[:, None]
+            if softplus:
+                dt = F.softplus(dt)
+            zc = _c(z, ct)
+            args = (_c(u, ct), dt.contiguous(), None if z is None else F.silu(zc), _c(A, ct),
+                    (A.detach().double() * (1.0 / math.log(2.0))).to(ct).contiguous(),
+                    _time_major(B, ct), _time_major(C, ct), _c(D, ct))
+            save = any(ctx.needs_input_grad)
+            out, last, bounds = load_kernel().fwd(*args, _c(h0, ct), chunk, save)
+        if save:
+            ctx.save_for_backward(*args, zc, bounds)
+            ctx.softplus, ctx.chunk = bool(softplus), chunk
+            ctx.dtypes = [None if t is None else t.dtype
+                          for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, gout, glast):
+        *args, zc, bounds = ctx.saved_tensors
+        u, dt, ct = args[0], args[1], args[0].dtype
+        b, g = u.shape[0], args[5].shape[1]
+        blocks = -(-2 * torch.get_num_threads() // (b * g))  # >= 2 work items a thread
+        with torch.autocast(u.device.type, enabled=False):
+            du, ddt, dgate, dBt, dCt, dA, dD, dh0 = load_kernel().bwd(
+                *args, bounds, _c(gout, ct), _c(glast, ct), ctx.chunk, blocks)
+            if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+                ddt *= torch.expm1(-dt).neg_()
+            dz = None
+            if zc is not None:  # silu'(z) = sig(z) (1 + z (1 - sig(z)))
+                sz = torch.sigmoid(zc)
+                dz = dgate.mul_(sz).mul_(zc.mul(1 - sz).add_(1))
+        tu, tdelta, tA, tB, tC, tD, tz, tbias, th0 = ctx.dtypes
+        need = ctx.needs_input_grad
+        return (_cast(du, tu, need[0]), _cast(ddt, tdelta, need[1]), _cast(dA, tA, need[2]),
+                _cast(dBt.transpose(-1, -2), tB, need[3]),
+                _cast(dCt.transpose(-1, -2), tC, need[4]), _cast(dD, tD, need[5]),
+                _cast(dz, tz, need[6]),
+                _cast(ddt.sum((0, 2)) if tbias is not None else None, tbias, need[7]), None,
+                _cast(dh0, th0, need[9]), None)
