@@ -139,7 +139,7 @@ class KernelSelectiveScan(torch.autograd.Function):
                 sz = torch.sigmoid(zc)
                 dz = dgate.mul_(sz).mul_(zc.mul(1 - sz).add_(1))
         tu, tdelta, tA, tB, tC, tD, tz, tbias, th0 = ctx.dtypes
-        need = ctx.needs_input_grad
+        need = ctx.needs_input_grad + (False,) * 2  # h0 and chunk may be left out
         return (_cast(du, tu, need[0]), _cast(ddt, tdelta, need[1]), _cast(dA, tA, need[2]),
                 _cast(dBt.transpose(-1, -2), tB, need[3]),
                 _cast(dCt.transpose(-1, -2), tC, need[4]), _cast(dD, tD, need[5]),
