@@ -60,7 +60,8 @@ def test_scan_equals_reference_loop(impl, batch, groups, dims_per_group, d_state
         initial_state=torch.randn(batch, dim, d_state, generator=g) if with_h0 else None,
     )
     if not softplus:
-        x["delta"] = x["delta"].abs()  # raw Δ must be positive
+        # raw Δ + bias must be positive, or the state grows without bound (inf in every path)
+        x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     x = {k: None if v is None else v.requires_grad_() for k, v in x.items()}
     names = [k for k, v in x.items() if v is not None]
     weights = torch.randn(batch, dim, length, generator=g), torch.randn(batch, dim, d_state, generator=g)
