@@ -95,6 +95,17 @@ def _cast(grad, dtype, needed):
     return grad.to(dtype) if needed and dtype is not None else None
 
 
+def _dt(delta, delta_bias, softplus, ct):
+    """softplus(delta + delta_bias) as a contiguous (b, d, l) tensor in ct: one strided
+    pass from delta (often a transposed view), then softplus."""
+    dt = torch.empty(delta.shape, dtype=ct, device=delta.device)
+    if delta_bias is not None:
+        torch.add(delta, delta_bias.to(ct)[:, None], out=dt)
+    else:
+        dt.copy_(delta)
+    return F.softplus(dt) if softplus else dt
+
+
 class KernelSelectiveScan(torch.autograd.Function):
     """apply(u, delta, A, B, C, D, z, delta_bias, softplus, h0=None, chunk=CHUNK), like
     ChunkedSelectiveScan: B, C grouped (b, g, n, l); h0 (b, d, n) or None; chunk: the
@@ -102,7 +113,9 @@ class KernelSelectiveScan(torch.autograd.Function):
     Returns (out (b, d, l) in u's dtype, last_state (b, d, n) in the compute dtype).
 
     dt = softplus(delta + delta_bias) and gate = silu(z) are computed here with
-    torch's vectorised ops (per step, not per state: 1/d_state of the scan's work).
+    torch's vectorised ops (per step, not per state: 1/d_state of the scan's work), and
+    again in backward rather than saved: saved are the inputs, time-major B and C and
+    the chunk-boundary states (n / CHUNK of a (b, d, l) tensor), as in the chunked scan.
     """
 
     @staticmethod
@@ -110,22 +123,15 @@ class KernelSelectiveScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ct = torch.promote_types(torch.float32, u.dtype)
         with torch.autocast(u.device.type, enabled=False):
-            # One strided pass from delta (often a transposed view) to contiguous dt.
-            dt = torch.empty(u.shape, dtype=ct, device=u.device)
-            if delta_bias is not None:
-                torch.add(delta, delta_bias.to(ct)[:, None], out=dt)
-            else:
-                dt.copy_(delta)
-            if softplus:
-                dt = F.softplus(dt)
-            zc = _c(z, ct)
-            args = (_c(u, ct), dt.contiguous(), None if z is None else F.silu(zc), _c(A, ct),
-                    (A.detach().double() * (1.0 / math.log(2.0))).to(ct).contiguous(),
+            rest = (_c(A, ct), (A.detach().double() * (1.0 / math.log(2.0))).to(ct).contiguous(),
                     _time_major(B, ct), _time_major(C, ct), _c(D, ct))
             save = any(ctx.needs_input_grad)
-            out, last, bounds = load_kernel().fwd(*args, _c(h0, ct), chunk, save)
+            gate = None if z is None else F.silu(_c(z, ct))
+            out, last, bounds = load_kernel().fwd(
+                _c(u, ct), _dt(delta, delta_bias, softplus, ct), gate, *rest, _c(h0, ct),
+                chunk, save)
         if save:
-            ctx.save_for_backward(*args, zc, bounds)
+            ctx.save_for_backward(u, delta, z, delta_bias, *rest, bounds)
             ctx.softplus, ctx.chunk = bool(softplus), chunk
             ctx.dtypes = [None if t is None else t.dtype
                           for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
@@ -133,19 +139,24 @@ class KernelSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout, glast):
-        *args, zc, bounds = ctx.saved_tensors
-        u, dt, ct = args[0], args[1], args[0].dtype
-        b, g = u.shape[0], args[5].shape[1]
+        u, delta, z, delta_bias, *rest, bounds = ctx.saved_tensors
+        ct = torch.promote_types(torch.float32, u.dtype)
+        b, g = u.shape[0], rest[2].shape[1]
         blocks = -(-2 * torch.get_num_threads() // (b * g))  # >= 2 work items a thread
         with torch.autocast(u.device.type, enabled=False):
+            dt = _dt(delta, delta_bias, ctx.softplus, ct)
+            zc = _c(z, ct)
+            sz = None if z is None else torch.sigmoid(zc)
             du, ddt, dgate, dBt, dCt, dA, dD, dh0 = load_kernel().bwd(
-                *args, bounds, _c(gout, ct), _c(glast, ct), ctx.chunk, blocks)
+                _c(u, ct), dt, None if z is None else zc * sz, *rest, bounds, _c(gout, ct),
+                _c(glast, ct), ctx.chunk, blocks)
             if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-                ddt *= torch.expm1(-dt).neg_()
+                ddt *= dt.neg_().expm1_().neg_()
+            del dt
             dz = None
-            if zc is not None:  # silu'(z) = sig(z) (1 + z (1 - sig(z)))
-                sz = torch.sigmoid(zc)
-                dz = dgate.mul_(sz).mul_(zc.mul(1 - sz).add_(1))
+            if z is not None:  # silu'(z) = sig(z) (1 + z (1 - sig(z))), built in sz
+                dz = dgate.mul_(sz)
+                dz *= sz.neg_().add_(1).mul_(zc).add_(1)
         tu, tdelta, tA, tB, tC, tD, tz, tbias, th0 = ctx.dtypes
         need = ctx.needs_input_grad + (False,) * 2  # h0 and chunk may be left out
         return (_cast(du, tu, need[0]), _cast(ddt, tdelta, need[1]), _cast(dA, tA, need[2]),

@@ -121,14 +121,17 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
     T* __restrict__ du = static_cast<T*>(gr.du) + row;
     T* __restrict__ ddt = static_cast<T*>(gr.ddt) + row;
     T* __restrict__ dgate = gr.dgate ? static_cast<T*>(gr.dgate) + row : nullptr;
-    T dh[M], dA[M], Ar[M], A2r[M];
+    // dA and dD sum over time: in double, as the terms often cancel (fp32 round-off of
+    // the sum would then dominate the small result).
+    T dh[M], Ar[M], A2r[M];
+    double dA[M];
     for (int64_t s = 0; s < n; ++s) {
       dh[s] = glast ? glast[ch * n + s] : T(0);
       dA[s] = 0;
       Ar[s] = a.A[di * n + s];
       A2r[s] = a.A2[di * n + s];
     }
-    T dD = 0;
+    double dD = 0;
     for (int64_t c = a.K - 1; c >= 0; --c) {
       const int64_t t0 = c * a.chunk, t1 = std::min(t0 + a.chunk, a.l);
       // Recompute the chunk's states h_t and decays a_t from its start state.
@@ -172,17 +175,17 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
           d_dtu += dhs * B[s];
           const T q = dhs * Ad[s] * Hp[s];  // dL/d(dt A)
           ddtA += q * Ar[s];
-          dA[s] += q * dtt;
+          dA[s] += static_cast<double>(q * dtt);
           dh[s] = dhs * Ad[s];
         }
         du[t] = d_dtu * dtt + gy * Dd;
         ddt[t] = d_dtu * u[t] + ddtA;
-        dD += gy * u[t];
+        dD += static_cast<double>(gy * u[t]);
       }
     }
-    for (int64_t s = 0; s < n; ++s) dA_out[di * n + s] += dA[s];
+    for (int64_t s = 0; s < n; ++s) dA_out[di * n + s] += static_cast<T>(dA[s]);
     std::copy(dh, dh + n, static_cast<T*>(gr.dh0) + ch * n);
-    dD_out[di] += dD;
+    dD_out[di] += static_cast<T>(dD);
   }
 }
 
