@@ -8,7 +8,7 @@ boundary; backward recomputes one chunk's states at a time from it (chunk x n va
 in L1) and runs the adjoint recurrence over them.
 
 Why a C++ extension (chosen by measurement, BENCHMARKS.md "CPU scan kernel"): at batch 4,
-dim 1536, d_state 16, length 1000, one thread, its forward+backward ran 2.4x faster than
+dim 1536, d_state 16, length 1000, one thread, its forward+backward ran 2.4-2.9x faster than
 the eager chunked scan (whose ~17 elementwise passes over the state are the cost of
 materialising per-chunk states in eager PyTorch); the issue's own measurement found a
 naive numba loop slower than the chunked scan; torch.compile was not measured (it
