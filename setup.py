@@ -25,7 +25,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_mamba", "fairseq_mamba.*"]),
-    package_data={"fairseq_mamba": ["config/**/*.yaml"]},
+    # ops/csrc: the CPU scan kernel's source, compiled at first use (fairseq_mamba/ops/scan_kernel.py).
+    package_data={"fairseq_mamba": ["config/**/*.yaml", "ops/csrc/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -1,5 +1,7 @@
 """CPU benchmarks: (a) the selective scan, (b) one encoder layer, Mamba vs attention,
 (c) training seconds per update of the tiny configs (see benchmark_training.py).
+"ours (kernel)" is the compiled CPU scan (ops/scan_kernel.py) that selective_scan uses;
+"ours (chunked)" the eager fallback.
 
     bash run_scripts/benchmark.sh [--quick] [--threads N]   (--quick: ~1 minute smoke run)
 
@@ -38,13 +40,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fairseq_mamba.ops import selective_scan, selective_scan_reference  # noqa: E402
+from fairseq_mamba.ops import selective_scan_reference  # noqa: E402
+from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan  # noqa: E402
+from fairseq_mamba.ops.scan_kernel import KernelSelectiveScan, load_kernel  # noqa: E402
 from benchmark_report import (  # noqa: E402
     SCAN_SHAPE,
     layer_report,
     machine,
     plot,
     scan_report,
+    threads_report,
+    tiny_layer_report,
 )
 from benchmark_training import bench_training, training_report  # noqa: E402
 from scan_baselines import blelloch_selective_scan, load_mamba_ssm_ref  # noqa: E402
@@ -129,8 +135,24 @@ def scan_inputs(length, seed=0):
     return {k: v.requires_grad_() for k, v in x.items()}, torch.randn(b, d, length, generator=g)
 
 
+def kernel_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return KernelSelectiveScan.apply(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z,
+                                     delta_bias, delta_softplus)[0]
+
+
+def chunked_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return ChunkedSelectiveScan.apply(u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z,
+                                      delta_bias, delta_softplus, CHUNK)[0]
+
+
+FAST = ("ours (kernel)", "ours (chunked)")
+
+
 def scan_impls():
-    impls = {"ours (chunked)": selective_scan, "our reference (loop)": selective_scan_reference}
+    if load_kernel() is None:
+        raise RuntimeError("the CPU selective-scan kernel did not build: see the warning above")
+    impls = {"ours (kernel)": kernel_scan, "ours (chunked)": chunked_scan,
+             "our reference (loop)": selective_scan_reference}
     ref, why = load_mamba_ssm_ref()
     if ref is None:
         print(f"[benchmark] SKIPPING the mamba-ssm selective_scan_ref column: {why}")
@@ -144,7 +166,7 @@ def bench_scan(lengths):
     rows = []
     for name, fn in scan_impls().items():
         call = lambda fn=fn, **kw: fn(**kw, delta_softplus=True)  # noqa: E731
-        looped = not name.startswith("ours")
+        looped = name not in FAST
         for length in lengths:
             if looped and length > LOOP_MAX_LEN:
                 continue
@@ -197,7 +219,59 @@ def bench_elementwise(length):
     return out
 
 
+def bench_scan_threads(length, threads=(1, 2)):
+    """Wall seconds of kernel and chunked fwd+bwd at ``length`` per torch thread count
+    (wall, not CPU: CPU seconds add up over threads)."""
+    inputs, grad_out = scan_inputs(length)
+    before, out = torch.get_num_threads(), {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            for name in FAST:
+                fn = scan_impls()[name]
+                train = fwd_and_train(lambda fn=fn, **kw: fn(**kw, delta_softplus=True),
+                                      inputs, grad_out)[1]
+                out[f"{name}, {n} thread{'s' * (n > 1)}"] = measure(train, live=False)["wall"]
+    finally:
+        torch.set_num_threads(before)
+    print("[scan threads]", json.dumps(out), flush=True)
+    return out
+
+
 # --------------------------------------------------------------- (b) the encoder layers
+def build_tiny_layers():
+    """The tiny CPU configs' layers (examples/pretrain/*_tiny_cpu.yaml): width 128;
+    hubert's attention layer (4 heads, FFN 512), mamba_hubert's (expand 1, FFN 256)."""
+    from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
+
+    from fairseq_mamba.models.mamba_hubert import MambaHubertConfig
+    from fairseq_mamba.modules.mamba_layer import BIMAMBA_TYPES, build_mamba_encoder_layer
+
+    layers = {"attention (TransformerSentenceEncoderLayer)": TransformerSentenceEncoderLayer(
+        embedding_dim=128, ffn_embedding_dim=512, num_attention_heads=4, dropout=0.1,
+        attention_dropout=0.1, activation_dropout=0.0, activation_fn="gelu")}
+    for kind in BIMAMBA_TYPES:
+        layers[f"mamba bimamba_type={kind}"] = build_mamba_encoder_layer(MambaHubertConfig(
+            bimamba_type=kind, encoder_embed_dim=128, encoder_ffn_embed_dim=256,
+            mamba_expand=1))
+    return layers
+
+
+def bench_tiny_layers(batch=8, length=156):
+    """fwd+bwd CPU seconds of each tiny layer on a (length, batch, 128) input."""
+    out = {}
+    for name, layer in build_tiny_layers().items():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(length, batch, 128, generator=g).requires_grad_()
+        train = fwd_and_train(lambda x, layer=layer: layer(x, self_attn_padding_mask=None)[0],
+                              {"x": x}, torch.randn(length, batch, 128, generator=g))[1]
+        layer.train()
+        out[name] = measure(lambda: (train(), layer.zero_grad(set_to_none=True)), live=False,
+                            max_reps=5)["s"]
+    print("[tiny layers]", json.dumps(out), flush=True)
+    return out
+
+
 def build_layers():
     from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
 
@@ -278,6 +352,8 @@ def main():
     sweep = bench_chunk_sweep(ref_len, [(16, 64)] if args.quick else
                               [(8, 64), (16, 16), (16, 32), (16, 64), (16, 128), (32, 64)])
     scan_rows = bench_scan(scan_lengths)
+    threads = bench_scan_threads(ref_len)
+    tiny = bench_tiny_layers()
     layer_rows = bench_layers(layer_lengths)
     training = bench_training(out_dir, args.quick, args.threads)
     header = [f"# Benchmark{' (--quick)' if args.quick else ''}", "",
@@ -293,11 +369,12 @@ def main():
               "reference, which the profiler slows >10x) and peak RSS increase "
               "(malloc_trim, VmHWM reset; adds allocator overhead).", ""]
     md = "\n".join(header + scan_report(scan_rows, elementwise, sweep, ref_len)
+                   + threads_report(threads, ref_len) + tiny_layer_report(tiny)
                    + layer_report(layer_rows) + training_report(training))
     (out_dir / "benchmark.md").write_text(md)
     (out_dir / "benchmark.json").write_text(json.dumps(
         dict(scan=scan_rows, layers=layer_rows, elementwise=elementwise, chunk_sweep=sweep,
-             training=training),
+             training=training, scan_threads=threads, tiny_layers=tiny),
         indent=1))
     plot(scan_rows, layer_rows, out_dir / "benchmark.png")
     print(md)

@@ -1,9 +1,9 @@
-"""Property tests (hypothesis): the chunked scan equals its reference loop, and a padded batch
+"""Property tests (hypothesis): the chunked scan and the CPU kernel equal the reference loop, and a padded batch
 equals each utterance run alone, over random sizes. Bounded example counts keep this file fast.
 
 test_selective_scan.py already has an fp64 property test of the public ``selective_scan``; here the
-chunked scan runs in fp32 with random state-chunk sizes, groups and initial states, so chunk and
-io-chunk boundaries fall everywhere.
+chunked scan and the compiled CPU kernel run in fp32 with random chunk sizes, groups and initial
+states, so chunk and io-chunk boundaries fall everywhere.
 """
 import pytest
 import torch
@@ -14,6 +14,7 @@ from fairseq_mamba.models.mamba_hubert import MambaHubertConfig, MambaHubertMode
 from fairseq_mamba.modules import BIMAMBA_TYPES, MambaEncoderLayer, build_mixer_cls
 from fairseq_mamba.ops import selective_scan_reference
 from fairseq_mamba.ops.chunked_scan import ChunkedSelectiveScan
+from fairseq_mamba.ops.scan_kernel import KernelSelectiveScan, load_kernel
 
 from fairseq.data import Dictionary
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
@@ -30,12 +31,21 @@ def rel_err(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def scan_impl(name):
+    """apply(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, h0) of either CPU path."""
+    if name == "chunked":
+        return ChunkedSelectiveScan.apply
+    assert load_kernel() is not None, "the CPU selective-scan kernel did not build"
+    return lambda *args: KernelSelectiveScan.apply(*args[:9], args[10], args[9])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "kernel"])
 @settings(max_examples=30, **SETTINGS)
 @given(batch=st.integers(1, 3), groups=st.sampled_from([1, 2]), dims_per_group=st.integers(1, 3),
        d_state=st.integers(1, 6), length=st.integers(0, 150), chunk=st.sampled_from([1, 3, 16, 64]),
        with_h0=st.booleans(), softplus=st.booleans(), seed=st.integers(0, 2**16))
-def test_chunked_scan_equals_reference_loop(batch, groups, dims_per_group, d_state, length, chunk,
-                                            with_h0, softplus, seed):
+def test_scan_equals_reference_loop(impl, batch, groups, dims_per_group, d_state, length, chunk,
+                                    with_h0, softplus, seed):
     """Outputs, last state and every gradient within 1e-5 (relative to the reference's max)."""
     g = torch.Generator().manual_seed(seed)
     dim = groups * dims_per_group
@@ -50,7 +60,8 @@ def test_chunked_scan_equals_reference_loop(batch, groups, dims_per_group, d_sta
         initial_state=torch.randn(batch, dim, d_state, generator=g) if with_h0 else None,
     )
     if not softplus:
-        x["delta"] = x["delta"].abs()  # raw Δ must be positive
+        # raw Δ + bias must be positive, or the state grows without bound (inf in every path)
+        x["delta"], x["delta_bias"] = x["delta"].abs(), x["delta_bias"].abs()
     x = {k: None if v is None else v.requires_grad_() for k, v in x.items()}
     names = [k for k, v in x.items() if v is not None]
     weights = torch.randn(batch, dim, length, generator=g), torch.randn(batch, dim, d_state, generator=g)
@@ -63,7 +74,7 @@ def test_chunked_scan_equals_reference_loop(batch, groups, dims_per_group, d_sta
                                     materialize_grads=True)
         return (out, last), grads
 
-    got = outputs_and_grads(*ChunkedSelectiveScan.apply(
+    got = outputs_and_grads(*scan_impl(impl)(
         x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], softplus, chunk,
         x["initial_state"]))
     want = outputs_and_grads(*selective_scan_reference(

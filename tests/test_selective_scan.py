@@ -1,4 +1,6 @@
-"""selective_scan (chunked CPU path, CUDA kernel dispatch) vs selective_scan_reference.
+"""selective_scan (compiled CPU kernel, chunked CPU fallback, CUDA kernel dispatch) vs
+selective_scan_reference. Tests marked ``both_impls`` run once on the CPU kernel and once
+on the chunked fallback (the ``impl`` fixture).
 
 Tolerances are relative to the scale of the reference tensor:
 max|x - ref| <= rtol * max|ref|, per output and per gradient.
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fairseq_mamba.ops import (
@@ -19,10 +21,26 @@ from fairseq_mamba.ops import (
     selective_scan,
     selective_scan_reference,
 )
+from fairseq_mamba.ops import scan_kernel
 from fairseq_mamba.ops.chunked_scan import ChunkedSelectiveScan
 
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+both_impls = pytest.mark.usefixtures("impl")
+# The module, not the function ``fairseq_mamba.ops`` exports under the same name.
+scan_module = importlib.import_module("fairseq_mamba.ops.selective_scan")
+
+
+@pytest.fixture(params=["kernel", "chunked"])
+def impl(request, monkeypatch):
+    """selective_scan's CPU path: the compiled kernel, or (patched) the chunked fallback."""
+    if request.param == "chunked":
+        monkeypatch.setattr(scan_module, "kernel_applies", lambda u, A: False)
+    elif scan_kernel.load_kernel() is None:
+        if scan_kernel.os.environ.get("FAIRSEQ_MAMBA_SCAN_KERNEL") == "0":
+            pytest.skip("FAIRSEQ_MAMBA_SCAN_KERNEL=0: the CPU kernel is switched off")
+        pytest.fail("the CPU selective-scan kernel did not build (see the logged warning)")
+    return request.param
 
 
 def make_inputs(batch=2, dim=6, length=33, d_state=4, dtype=torch.float32, groups=None,
@@ -84,6 +102,7 @@ def assert_same(x, fn_a, fn_b, rtol, **kw):
         assert_rel_close(grads_a[k], grads_b[k], rtol, f"grad {k}")
 
 
+@both_impls
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("d_state", [1, 4, 16])
 @pytest.mark.parametrize("length", [1, 2, 7, 64, 257, 1000])
@@ -92,6 +111,7 @@ def test_matches_reference(length, d_state, dtype):
     assert_same(x, selective_scan, selective_scan_reference, RTOL[dtype])
 
 
+@both_impls
 @pytest.mark.parametrize("with_D,with_z,with_bias,softplus,last",
                          list(itertools.product([False, True], repeat=5)))
 def test_optional_arguments(with_D, with_z, with_bias, softplus, last):
@@ -120,8 +140,9 @@ def test_chunk_sizes(chunk, length, with_h0):
     assert_same(x, chunked, selective_scan_reference, RTOL[torch.float64])
 
 
+@both_impls
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("length", [0, 1, 7, 64, 257])
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 64, 257, 1000])
 @pytest.mark.parametrize("with_D,with_z", [(True, True), (False, False)])
 def test_initial_state_matches_reference(length, dtype, with_D, with_z):
     """Outputs, last state and every gradient, initial_state's included."""
@@ -130,6 +151,7 @@ def test_initial_state_matches_reference(length, dtype, with_D, with_z):
     assert_same(x, selective_scan, selective_scan_reference, RTOL[dtype])
 
 
+@both_impls
 def test_initial_state_is_h_minus_one():
     """One step by hand: h_0 = exp(dt A) h0 + dt u B, y_0 = <h_0, C>."""
     x = make_inputs(batch=1, dim=2, length=1, d_state=3, dtype=torch.float64,
@@ -143,6 +165,7 @@ def test_initial_state_is_h_minus_one():
         torch.testing.assert_close(out[0, :, 0], (h * C).sum(-1), rtol=1e-12, atol=1e-12)
 
 
+@both_impls
 @pytest.mark.parametrize("splits", [[1], [16], [50], [1, 2, 3], [33, 34, 90], [0, 64, 64, 127]])
 def test_pieces_with_carried_state_equal_one_pass(splits):
     """Scan [0, s1), [s1, s2), ... each from the last state of the one before: the same
@@ -165,12 +188,14 @@ def test_pieces_with_carried_state_equal_one_pass(splits):
     assert_same(x, pieces, selective_scan_reference, RTOL[torch.float64])
 
 
+@both_impls
 @pytest.mark.parametrize("groups", [1, 2, 3])
 def test_grouped_B_C(groups):
     x = make_inputs(dim=6, length=21, groups=groups)
     assert_same(x, selective_scan, selective_scan_reference, RTOL[torch.float32])
 
 
+@both_impls
 def test_grouped_reference_repeats_groups():
     """4-D B/C: channel d uses group d // (dim // groups), like mamba-ssm's repeat."""
     x = make_inputs(dim=6, length=9, groups=2)
@@ -219,6 +244,7 @@ def test_reference_matches_mamba_ssm(groups):
     assert_same(x, selective_scan_reference, ref, RTOL[torch.float32])
 
 
+@both_impls
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype):
     """Half inputs: state math in fp32, so only the input/output rounding differs."""
@@ -237,6 +263,7 @@ def test_half_inputs(dtype):
         assert_rel_close(grads[k].float(), ref_grads[k], 2e-2, f"grad {k}")
 
 
+@both_impls
 def test_autocast_keeps_fp32_state():
     x = make_inputs(length=64)
     ref, ref_grads = run(selective_scan_reference, x)
@@ -251,6 +278,7 @@ def test_autocast_keeps_fp32_state():
         assert_rel_close(grads[k], ref_grads[k], 1e-5, f"grad {k}")
 
 
+@both_impls
 def test_inputs_not_modified():
     x = make_inputs(batch=1, length=1)  # a (1, d, 1) slice is contiguous: no copy taken
     before = {k: v.detach().clone() for k, v in x.items() if v is not None}
@@ -259,6 +287,7 @@ def test_inputs_not_modified():
         assert torch.equal(x[k].detach(), v), k
 
 
+@both_impls
 def test_backward_twice_with_retain_graph():
     """Backward leaves the saved state intact: a second backward gives the same grads."""
     x = make_inputs(length=70)
@@ -270,6 +299,7 @@ def test_backward_twice_with_retain_graph():
 
 
 @pytest.mark.parametrize("fn", [selective_scan, selective_scan_reference])
+@both_impls
 def test_length_zero(fn):
     x = make_inputs(length=0)
     (out, last), grads = run(fn, x)
@@ -279,6 +309,7 @@ def test_length_zero(fn):
         assert torch.equal(grads[k], torch.zeros_like(grads[k]))
 
 
+@both_impls
 @pytest.mark.parametrize("scale,a_scale", [(1e4, 1.0), (1e-8, 1.0), (1.0, 1e4), (30.0, 1e-6)])
 def test_extreme_delta_is_finite(scale, a_scale):
     """Huge/tiny dt*A: decays to exactly 0 or stays ~1; nothing overflows."""
@@ -288,6 +319,7 @@ def test_extreme_delta_is_finite(scale, a_scale):
     assert_same(x, selective_scan, selective_scan_reference, 1e-5, softplus=False)
 
 
+@both_impls
 def test_extreme_inputs_are_finite():
     x = make_inputs(length=257, dim=4)
     x["delta"] = (torch.randn_like(x["delta"]) * 40).requires_grad_()  # softplus saturates
@@ -295,6 +327,7 @@ def test_extreme_inputs_are_finite():
     assert_same(x, selective_scan, selective_scan_reference, 1e-5)
 
 
+@both_impls
 def test_long_sequence_is_finite():
     x = make_inputs(batch=1, dim=2, length=30_000, d_state=2)
     x["A"] = torch.full_like(x["A"], -1e-4).requires_grad_()  # state barely decays
@@ -334,7 +367,9 @@ def test_bad_shapes_raise(fn, x, match):
         fn(**x)
 
 
-@settings(max_examples=25, deadline=None)
+@both_impls
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 3), dim=st.integers(1, 5), length=st.integers(0, 40),
        d_state=st.integers(1, 5), flags=st.lists(st.booleans(), min_size=4, max_size=4),
        seed=st.integers(0, 2**16))
@@ -357,3 +392,4 @@ def test_cuda_kernel_matches_reference(dtype, rtol):
                                                   else torch.float32).requires_grad_()
           for k, v in x.items()}
     assert_same(xd, selective_scan, selective_scan_reference, rtol)
+

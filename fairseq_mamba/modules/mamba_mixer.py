@@ -145,7 +145,8 @@ class SelectiveSSM(nn.Module):
     def _scan(self, x, z, dt, B, C, **state_args):
         A = -torch.exp(self.A_log.float())
         return ops.selective_scan(
-            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            # B, C as (batch, d_state, length) views: each scan path lays them out as it needs.
+            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, **state_args,
         )
 

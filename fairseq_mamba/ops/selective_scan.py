@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fairseq_mamba.ops.chunked_scan import CHUNK, ChunkedSelectiveScan
 from fairseq_mamba.ops.dispatch import HAS_CUDA_SCAN, kernel_for, mamba_inner_fn, selective_scan_fn
+from fairseq_mamba.ops.scan_kernel import KernelSelectiveScan, kernel_applies
 
 __all__ = ["HAS_CUDA_SCAN", "mamba_inner_fn", "selective_scan", "selective_scan_fn",
            "selective_scan_reference"]
@@ -121,13 +122,16 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, return_last_state=False, initial_state=None):
     """mamba-ssm's selective_scan_fn where ``ops.dispatch.kernel_for`` picks it (a GPU with the
-    kernel, no ``initial_state``), else the chunked PyTorch path."""
+    kernel, no ``initial_state``); on CPU the compiled kernel (scan_kernel.py) where it builds,
+    else the chunked PyTorch path."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     kernel = kernel_for("selective_scan", u, stateful=initial_state is not None)
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z=z, delta_bias=delta_bias,
                       delta_softplus=delta_softplus, return_last_state=return_last_state)
-    out, last_state = ChunkedSelectiveScan.apply(u, delta, A, _as_grouped(B),
-                                                 _as_grouped(C), D, z, delta_bias,
-                                                 bool(delta_softplus), CHUNK, initial_state)
+    args = (u, delta, A, _as_grouped(B), _as_grouped(C), D, z, delta_bias, bool(delta_softplus))
+    if kernel_applies(u, A):
+        out, last_state = KernelSelectiveScan.apply(*args, initial_state)
+    else:
+        out, last_state = ChunkedSelectiveScan.apply(*args, CHUNK, initial_state)
     return (out, last_state) if return_last_state else out

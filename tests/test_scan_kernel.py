@@ -1,0 +1,46 @@
+"""The compiled CPU scan's own cases (its parity with the reference on every input is in
+test_selective_scan.py and test_properties.py): saved-state chunk boundaries and the
+fallback to the chunked scan when the build fails."""
+
+import pytest
+import torch
+
+from fairseq_mamba.ops import scan_kernel, selective_scan, selective_scan_reference
+from test_selective_scan import RTOL, assert_same, make_inputs
+
+
+@pytest.mark.parametrize("chunk,length", [(1, 50), (3, 50), (16, 300), (64, 63), (64, 65),
+                                          (64, 200), (200, 130)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_kernel_chunk_sizes(chunk, length, with_h0):
+    """The kernel's saved-state chunks (backward recomputes the states from them), full
+    and partial, are exact."""
+    x = make_inputs(length=length, dtype=torch.float64, with_h0=with_h0)
+
+    def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+               initial_state=None):
+        out, last = scan_kernel.KernelSelectiveScan.apply(
+            u, delta, A, B.unsqueeze(1), C.unsqueeze(1), D, z, delta_bias, delta_softplus,
+            initial_state, chunk)
+        return (out, last) if return_last_state else out
+
+    assert_same(x, kernel, selective_scan_reference, RTOL[torch.float64])
+
+
+def test_failed_kernel_build_falls_back_to_chunked(monkeypatch, caplog):
+    """A build or load error: one logged warning, then the chunked scan, same results."""
+    import torch.utils.cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x'\nmore lines")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
+    monkeypatch.setattr(scan_kernel, "_ext", None)
+    monkeypatch.setattr(scan_kernel, "_tried", False)
+    x = make_inputs(length=40)
+    with caplog.at_level("WARNING", logger=scan_kernel.__name__):
+        assert_same(x, selective_scan, selective_scan_reference, RTOL[torch.float32])
+    warnings = [r for r in caplog.records if r.name == scan_kernel.__name__]
+    assert len(warnings) == 1 and "chunked PyTorch scan" in warnings[0].getMessage()
+    assert "Error building extension 'x'" in warnings[0].getMessage()
+    assert scan_kernel.load_kernel() is None
