@@ -23,11 +23,11 @@ MODELS=${MODELS:-mamba_hubert hubert}
 PARALLEL=${PARALLEL:-1}
 CORPUS=${CORPUS:-$ROOT/examples/corpus/data}
 W=$(abspath "${WORK:-outputs/demo}")
-# Sizes at scale 1, chosen by measurement to fit 30 minutes on 2 cores (README, "The two commands").
+# Sizes at scale 1, chosen to fit 45 minutes on 2 cores with every stage of the paper's experiment (README, "The demo").
 export TRAIN_UTTS=${TRAIN_UTTS:-}  # empty: all 556 train utterances
 PT1=${PT1_UPDATES:-$((500 * S))}
 PT2=${PT2_UPDATES:-$((250 * S))}
-FT=${FT_UPDATES:-$((1500 * S))}
+FT=${FT_UPDATES:-$((1000 * S))}  # each of the three ASR variants per model
 HEAD=${HEAD:-conformer}  # the extra module of the paper's experiment: conformer | transformer | bimamba
 RECON=${RECON_UPDATES:-$((300 * S))}  # stage 10, the reconstruction (speech enhancement) models
 MI_TARGETS=${MI_TARGETS:-layer0 phones input}  # stage 09 (layer_mi --targets; also: mfcc units)
