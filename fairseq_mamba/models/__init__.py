@@ -1,2 +1,3 @@
 from .hubert_ctc_head import HubertCtcHead, HubertCtcHeadConfig  # noqa: F401
 from .mamba_hubert import MambaEncoder, MambaHubertConfig, MambaHubertModel  # noqa: F401
+from .causal_hubert import CausalHubertConfig, CausalHubertModel  # noqa: F401
