@@ -19,7 +19,8 @@ The concatenated outputs equal ``model.extract_features(all_samples, output_laye
   arrived: an algorithmic latency of R frames (``lookahead_seconds``: 1.26 s for conv_pos=128,
   0.30 s for 32). ``flush()`` supplies the zeros the full pass pads with at the end.
 * encoder LayerNorm, FFN, projections: per frame, no state.
-* every Mamba layer: its causal conv state and SSM state (``MambaEncoderLayer.forward_chunk``).
+* every Mamba layer (Mamba-1 or Mamba-2): its causal conv state and SSM state
+  (``MambaEncoderLayer.forward_chunk``).
 * every causal attention layer: its keys and values so far, a KV cache
   (``CausalTransformerLayer.forward_chunk``; memory grows with the stream, as attention does).
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from fairseq.modules import SamePad
 from torch.nn.utils.weight_norm import WeightNorm
 
-from fairseq_mamba.modules import CausalTransformerLayer, Mamba, MambaEncoderLayer
+from fairseq_mamba.modules import CausalTransformerLayer, Mamba, Mamba2, MambaEncoderLayer
 
 
 def check_streamable(model) -> None:
@@ -53,7 +54,7 @@ def check_streamable(model) -> None:
             raise ValueError(
                 f"encoder layer {i} is a {type(layer).__name__}: self-attention reads the whole "
                 "utterance; only mamba_hubert with model.bimamba_type=none or causal_hubert can stream")
-        if not (isinstance(layer.mixer, Mamba) and layer.mixer.directions == ("forward",)):
+        if not (isinstance(layer.mixer, (Mamba, Mamba2)) and layer.mixer.directions == ("forward",)):
             raise ValueError(
                 f"encoder layer {i} has a bidirectional mixer ({type(layer.mixer).__name__}): it reads "
                 "the future; only model.bimamba_type=none (causal) models can stream")
