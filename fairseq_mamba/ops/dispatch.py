@@ -56,12 +56,14 @@ class Kernels:
     selective_scan_fn: Optional[Callable] = None  # mamba_ssm...selective_scan_fn
     mamba_inner_fn: Optional[Callable] = None  # mamba_ssm...mamba_inner_fn (needs causal_conv1d)
     causal_conv1d_fn: Optional[Callable] = None  # causal_conv1d.causal_conv1d_fn
-    mamba_chunk_scan_combined: Optional[Callable] = None  # mamba_ssm...ssd_combined (Mamba-2)
     device_type: str = "cuda"
     dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
+    # last, so that positional Kernels(scan, inner, conv, device_type, dtypes) calls keep working
+    mamba_chunk_scan_combined: Optional[Callable] = None  # mamba_ssm...ssd_combined (Mamba-2)
 
 
-INSTALLED = Kernels(selective_scan_fn, mamba_inner_fn, causal_conv1d_fn, mamba_chunk_scan_combined)
+INSTALLED = Kernels(selective_scan_fn, mamba_inner_fn, causal_conv1d_fn,
+                    mamba_chunk_scan_combined=mamba_chunk_scan_combined)
 NO_KERNELS = Kernels()
 _ACTIVE = contextvars.ContextVar("fairseq_mamba_kernels", default=INSTALLED)
 OPS = ("selective_scan", "causal_conv1d", "mamba_inner", "ssd_scan")
