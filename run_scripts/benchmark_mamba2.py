@@ -69,9 +69,9 @@ def build_layers():
     return layers
 
 
-def row(name, length, fwd, train, live=False):
-    out = dict(name=name, length=length, fwd_s=measure(fwd, live=live)["s"])
-    m = measure(train, live=live)
+def row(name, length, fwd, train):
+    out = dict(name=name, length=length, fwd_s=measure(fwd, live=False)["s"])
+    m = measure(train, live=False)
     out.update(train_s=m["s"], train_rss_mb=m["rss"] / 2**20)
     print("[row]", json.dumps(out), flush=True)
     return out
