@@ -33,7 +33,8 @@ class MambaHubertConfig(HubertConfig):
     Inherited fields that a Mamba encoder ignores: ``encoder_attention_heads``,
     ``attention_dropout``, ``layer_type``, ``attn_type``, ``pos_enc_type``,
     ``depthwise_conv_kernel_size`` and ``fp16`` (used only by rotary attention).
-    ``encoder_ffn_embed_dim`` is used only when ``mamba_ffn`` is true.
+    ``encoder_ffn_embed_dim`` is used only when ``mamba_ffn`` is true. With ``mamba_version=2``,
+    ``mamba_dt_rank`` is unused (Mamba-2 projects one Δ per head from the input).
     """
 
     mamba_d_state: int = field(default=16, metadata={"help": "SSM state size N per channel"})
