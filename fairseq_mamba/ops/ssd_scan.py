@@ -71,9 +71,10 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, dt_bias=None,
     x, dt, A, B, C = _prepare(x, dt, A, B, C, dt_bias, dt_softplus)
     state = _initial(x, B, initial_states)  # (batch, nheads, headdim, d_state)
     ys = []
-    for start in range(0, x.shape[1], chunk_size):
-        span = slice(start, start + chunk_size)
-        xc, dtc, Bc, Cc = x[:, span], dt[:, span], B[:, span], C[:, span]
+    # split, not sliced per chunk: the backward of a slice writes a zero tensor of the whole
+    # input, which made fwd+bwd quadratic in the length; split's backward concatenates once
+    pieces = [t.split(chunk_size, dim=1) for t in (x, dt, B, C)]
+    for xc, dtc, Bc, Cc in zip(*pieces):
         # log decay from the chunk start through frame t (inclusive): (batch, q, nheads)
         a = torch.cumsum(dtc * A, dim=1)
         q = xc.shape[1]
