@@ -73,8 +73,8 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, dt_bias=None,
     ys = []
     # split, not sliced per chunk: the backward of a slice writes a zero tensor of the whole
     # input, which made fwd+bwd quadratic in the length; split's backward concatenates once
-    pieces = [t.split(chunk_size, dim=1) for t in (x, dt, B, C)]
-    for xc, dtc, Bc, Cc in zip(*pieces):
+    pieces = zip(*(t.split(chunk_size, dim=1) for t in (x, dt, B, C))) if x.shape[1] else ()
+    for xc, dtc, Bc, Cc in pieces:
         # log decay from the chunk start through frame t (inclusive): (batch, q, nheads)
         a = torch.cumsum(dtc * A, dim=1)
         q = xc.shape[1]
