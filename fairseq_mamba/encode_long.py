@@ -35,12 +35,14 @@ def build_from_config(path, seed, **overrides):
     from fairseq.models.hubert.hubert import HubertConfig, HubertModel
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
+    from fairseq_mamba.models.causal_hubert import CausalHubertConfig, CausalHubertModel
     from fairseq_mamba.models.mamba_hubert import MambaHubertConfig, MambaHubertModel
 
     yaml = OmegaConf.to_container(OmegaConf.load(path))
     fields = {k: v for k, v in yaml["model"].items() if k != "_name" and v != "???"}
     fields.update(overrides)
-    classes = {"mamba_hubert": (MambaHubertConfig, MambaHubertModel), "hubert": (HubertConfig, HubertModel)}
+    classes = {"mamba_hubert": (MambaHubertConfig, MambaHubertModel), "hubert": (HubertConfig, HubertModel),
+               "causal_hubert": (CausalHubertConfig, CausalHubertModel)}
     name = yaml["model"].get("_name")
     if name not in classes:
         raise ValueError(f"{path}: model._name={name!r}; encode_long builds {sorted(classes)}")

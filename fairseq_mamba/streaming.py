@@ -1,4 +1,4 @@
-"""Streaming inference for causal ``mamba_hubert`` models (``bimamba_type=none``).
+"""Streaming inference for causal ``mamba_hubert`` (``bimamba_type=none``) and ``causal_hubert``.
 
     stream = StreamingEncoder(model)            # model.eval() is called
     for samples in chunks:                       # (batch, n) or (n,) float, any n >= 0
@@ -19,7 +19,10 @@ The concatenated outputs equal ``model.extract_features(all_samples, output_laye
   arrived: an algorithmic latency of R frames (``lookahead_seconds``: 1.26 s for conv_pos=128,
   0.30 s for 32). ``flush()`` supplies the zeros the full pass pads with at the end.
 * encoder LayerNorm, FFN, projections: per frame, no state.
-* every Mamba layer: its causal conv state and SSM state (``MambaEncoderLayer.forward_chunk``).
+* every Mamba layer (Mamba-1 or Mamba-2): its causal conv state and SSM state
+  (``MambaEncoderLayer.forward_chunk``).
+* every causal attention layer: its keys and values so far, a KV cache
+  (``CausalTransformerLayer.forward_chunk``; memory grows with the stream, as attention does).
 
 Audio normalisation is the caller's: a task with ``normalize=true`` layer-normalises the whole
 waveform before the model sees it, which a live stream cannot know in advance.
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from fairseq.modules import SamePad
 from torch.nn.utils.weight_norm import WeightNorm
 
-from fairseq_mamba.modules import Mamba, MambaEncoderLayer
+from fairseq_mamba.modules import CausalTransformerLayer, Mamba, Mamba2, MambaEncoderLayer
 
 
 def check_streamable(model) -> None:
@@ -45,11 +48,13 @@ def check_streamable(model) -> None:
                 "stream ends and streaming cannot equal the full pass; train with "
                 "model.extractor_mode=layer_norm (per-frame norms) to stream")
     for i, layer in enumerate(model.encoder.layers):
+        if isinstance(layer, CausalTransformerLayer):
+            continue
         if not isinstance(layer, MambaEncoderLayer):
             raise ValueError(
                 f"encoder layer {i} is a {type(layer).__name__}: self-attention reads the whole "
-                "utterance; only mamba_hubert with model.bimamba_type=none can stream")
-        if not (isinstance(layer.mixer, Mamba) and layer.mixer.directions == ("forward",)):
+                "utterance; only mamba_hubert with model.bimamba_type=none or causal_hubert can stream")
+        if not (isinstance(layer.mixer, (Mamba, Mamba2)) and layer.mixer.directions == ("forward",)):
             raise ValueError(
                 f"encoder layer {i} has a bidirectional mixer ({type(layer.mixer).__name__}): it reads "
                 "the future; only model.bimamba_type=none (causal) models can stream")
@@ -70,10 +75,11 @@ def effective_weight(conv: nn.Conv1d) -> torch.Tensor:
 
 
 class StreamingEncoder:
-    """Chunk-by-chunk ``extract_features`` of a causal mamba_hubert model (see module doc).
+    """Chunk-by-chunk ``extract_features`` of a causal model (see module doc).
 
     Args:
-        model: a ``MambaHubertModel`` with ``bimamba_type=none`` and ``extractor_mode=layer_norm``.
+        model: a ``MambaHubertModel`` with ``bimamba_type=none`` or a ``CausalHubertModel``,
+            with ``extractor_mode=layer_norm``.
         output_layer: 1-based layer whose output is returned, as in ``extract_features``;
             None = the last layer (with the final LayerNorm of pre-norm encoders).
     """

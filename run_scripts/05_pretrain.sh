@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 5: HuBERT-style pre-training with fairseq-hydra-train and our configs.
 # usage: run_scripts/05_pretrain.sh MODEL ITER MANIFEST_DIR LABEL_DIR OUT_DIR [hydra overrides...]
-#   MODEL: mamba_hubert | hubert;  ITER: 1 (MFCC k-means labels) | 2 (labels from iter-1 features)
+#   MODEL: mamba_hubert | hubert | causal_hubert | mamba2_hubert (mamba_hubert, mamba_version=2);  ITER: 1 (MFCC k-means labels) | 2 (labels from iter-1 features)
 #   LABEL_DIR holds {train,valid}.km and dict.km.txt. Config: examples/pretrain/${CONFIG:-MODEL_tiny_cpu}.yaml
 # Writes OUT_DIR/checkpoints/checkpoint_last.pt, OUT_DIR/train.log, OUT_DIR/peak_rss_mb.txt.
 # Skipped when OUT_DIR/.done records the same inputs and settings (common.sh, needs_run);
@@ -10,7 +10,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [[ $# -ge 5 ]] || { sed -n 3,3p "$0" >&2; exit 2; }
 model=$1; iter=$2; data=$(abspath "$3"); labels=$(abspath "$4"); out=$(abspath "$5"); shift 5
-case $model in mamba_hubert|hubert) ;; *) echo "MODEL must be mamba_hubert or hubert" >&2; exit 2;; esac
+case $model in mamba_hubert|hubert|causal_hubert|mamba2_hubert) ;; *) echo "MODEL must be mamba_hubert, hubert, causal_hubert or mamba2_hubert" >&2; exit 2;; esac
 case $iter in 1|2) ;; *) echo "ITER must be 1 or 2" >&2; exit 2;; esac
 config=${CONFIG:-${model}_tiny_cpu}
 stamp="pretrain $model iter $iter $config $* on $data ($(fingerprint "$data/train.tsv" "$data/valid.tsv")) \

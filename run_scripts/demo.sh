@@ -3,7 +3,7 @@
 #   bash run_scripts/demo.sh            # from a fresh clone: sets up .venv, runs stages 01-08
 # Environment knobs:
 #   DEMO_SCALE=1   multiplies every training stage's updates (DEMO_SCALE=3: see README for its WER)
-#   MODELS="mamba_hubert hubert"   PARALLEL=1: the models' stages 05-08 run side by side, one core and
+#   MODELS="mamba_hubert hubert"   (also causal_hubert, mamba2_hubert) PARALLEL=1: the models' stages 05-08 run side by side, one core and
 #                  one thread each (0: one model after the other with OMP_NUM_THREADS, default 2)
 #   CORPUS=examples/corpus/data   WORK=outputs/demo   (everything goes under WORK; re-running skips
 #                  finished stages, so an interrupted demo resumes)

@@ -18,7 +18,9 @@ YAMLS = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "corpus" not in
 def test_there_are_configs_to_check():
     names = {p.stem for p in YAMLS}
     assert {"mamba_hubert_tiny_cpu", "hubert_tiny_cpu", "mamba_hubert_base_librispeech",
-            "hubert_base_librispeech"} <= names
+            "hubert_base_librispeech", "causal_hubert_tiny_cpu", "causal_hubert_base_librispeech",
+            "mamba2_hubert_tiny_cpu", "mamba2_hubert_base_librispeech",
+            "mamba2_hubert_causal_base_librispeech"} <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))

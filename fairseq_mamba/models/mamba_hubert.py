@@ -20,7 +20,7 @@ from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 from fairseq.models.wav2vec.wav2vec2 import TransformerEncoder
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from fairseq_mamba.modules.mamba_layer import BIMAMBA_TYPES, build_mamba_encoder_layer
+from fairseq_mamba.modules.mamba_layer import BIMAMBA_TYPES, MAMBA_VERSIONS, build_mamba_encoder_layer
 from fairseq_mamba.modules.mamba_mixer import SelectiveSSM
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ class MambaHubertConfig(HubertConfig):
     Inherited fields that a Mamba encoder ignores: ``encoder_attention_heads``,
     ``attention_dropout``, ``layer_type``, ``attn_type``, ``pos_enc_type``,
     ``depthwise_conv_kernel_size`` and ``fp16`` (used only by rotary attention).
-    ``encoder_ffn_embed_dim`` is used only when ``mamba_ffn`` is true.
+    ``encoder_ffn_embed_dim`` is used only when ``mamba_ffn`` is true. With ``mamba_version=2``,
+    ``mamba_dt_rank`` is unused (Mamba-2 projects one Δ per head from the input).
     """
 
     mamba_d_state: int = field(default=16, metadata={"help": "SSM state size N per channel"})
@@ -55,6 +56,20 @@ class MambaHubertConfig(HubertConfig):
     bimamba_merge: ChoiceEnum(["concat", "sum"]) = field(
         default="concat",
         metadata={"help": "external type only: concat both directions then Linear (as the authors), or sum"},
+    )
+    mamba_version: int = field(
+        default=1,
+        metadata={"help": "1: Mamba (selective scan, a decay per channel and state); 2: Mamba-2 "
+                  "(the SSD layer: a scalar decay per head, gated RMSNorm), for every bimamba_type"},
+    )
+    mamba_headdim: int = field(
+        default=64, metadata={"help": "mamba_version=2: channels per SSD head (must divide the inner width)"}
+    )
+    mamba_ngroups: int = field(
+        default=1, metadata={"help": "mamba_version=2: groups of heads sharing B and C (must divide the heads)"}
+    )
+    mamba_chunk_size: int = field(
+        default=64, metadata={"help": "mamba_version=2: frames per chunk of the chunked SSD scan"}
     )
     mamba_ffn: bool = field(
         default=True,
@@ -82,6 +97,16 @@ def validate_config(cfg: MambaHubertConfig) -> None:
     if cfg.mamba_ffn and cfg.encoder_ffn_embed_dim < 1:
         raise ValueError(f"model.encoder_ffn_embed_dim={cfg.encoder_ffn_embed_dim} must be >= 1 with "
                          "mamba_ffn=true (set mamba_ffn=false for pure Mamba blocks)")
+    if int(cfg.mamba_version) not in MAMBA_VERSIONS:
+        raise ValueError(f"model.mamba_version={cfg.mamba_version}: choose one of {MAMBA_VERSIONS}")
+    if int(cfg.mamba_version) == 2:
+        heads = inner / cfg.mamba_headdim if cfg.mamba_headdim >= 1 else 0.5
+        if heads != int(heads):
+            raise ValueError(f"model.mamba_headdim={cfg.mamba_headdim} must divide the inner width {inner:g}")
+        if cfg.mamba_ngroups < 1 or heads % cfg.mamba_ngroups:
+            raise ValueError(f"model.mamba_ngroups={cfg.mamba_ngroups} must divide the {heads:g} heads")
+        if cfg.mamba_chunk_size < 1:
+            raise ValueError(f"model.mamba_chunk_size={cfg.mamba_chunk_size} must be >= 1")
     if str(cfg.bimamba_type) not in BIMAMBA_TYPES:
         raise ValueError(f"model.bimamba_type={cfg.bimamba_type!r}: choose one of {BIMAMBA_TYPES}")
 

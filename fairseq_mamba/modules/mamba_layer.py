@@ -15,9 +15,11 @@ import torch.nn as nn
 from fairseq import utils
 from fairseq.modules import LayerNorm
 
+from .mamba2_mixer import ExternalBiMamba2, Mamba2
 from .mamba_mixer import ExternalBiMamba, Mamba, time_chunks
 
 BIMAMBA_TYPES = ("external", "internal", "none")
+MAMBA_VERSIONS = (1, 2)
 
 
 class MambaEncoderLayer(nn.Module):
@@ -110,22 +112,32 @@ class MambaEncoderLayer(nn.Module):
         return self.mixer(x.transpose(0, 1), padding_mask).transpose(0, 1)
 
 
-def build_mixer_cls(bimamba_type: str, merge: str = "concat", **mamba_kwargs) -> Callable[[int], nn.Module]:
-    """The mixer factory for a ``bimamba_type``: external | internal | none (causal)."""
+def build_mixer_cls(bimamba_type: str, merge: str = "concat", version: int = 1,
+                    **mamba_kwargs) -> Callable[[int], nn.Module]:
+    """The mixer factory for a ``bimamba_type`` (external | internal | none = causal) and a Mamba
+    ``version`` (1: ``Mamba``; 2: ``Mamba2``, the SSD layer); kwargs go to that mixer."""
+    if version not in MAMBA_VERSIONS:
+        raise ValueError(f"mamba_version={version!r}; choose one of {MAMBA_VERSIONS}")
+    mixer, external = (Mamba, ExternalBiMamba) if version == 1 else (Mamba2, ExternalBiMamba2)
     if bimamba_type == "external":
-        return partial(ExternalBiMamba, merge=merge, **mamba_kwargs)
+        return partial(external, merge=merge, **mamba_kwargs)
     if bimamba_type == "internal":
-        return partial(Mamba, directions=("forward", "backward"), **mamba_kwargs)
+        return partial(mixer, directions=("forward", "backward"), **mamba_kwargs)
     if bimamba_type == "none":
-        return partial(Mamba, directions=("forward",), **mamba_kwargs)
+        return partial(mixer, directions=("forward",), **mamba_kwargs)
     raise ValueError(f"bimamba_type={bimamba_type!r}; choose one of {BIMAMBA_TYPES}")
 
 
 def build_mamba_encoder_layer(cfg) -> MambaEncoderLayer:
     """Build one layer from a ``MambaHubertConfig`` (or anything with the same fields)."""
+    version = int(getattr(cfg, "mamba_version", 1))
+    if version == 2:
+        mixer_kwargs = dict(headdim=cfg.mamba_headdim, ngroups=cfg.mamba_ngroups, chunk_size=cfg.mamba_chunk_size)
+    else:
+        mixer_kwargs = dict(dt_rank=cfg.mamba_dt_rank)
     mixer_cls = build_mixer_cls(
-        cfg.bimamba_type, merge=cfg.bimamba_merge, d_state=cfg.mamba_d_state,
-        d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand, dt_rank=cfg.mamba_dt_rank,
+        cfg.bimamba_type, merge=cfg.bimamba_merge, version=version, d_state=cfg.mamba_d_state,
+        d_conv=cfg.mamba_d_conv, expand=cfg.mamba_expand, **mixer_kwargs,
     )
     return MambaEncoderLayer(
         cfg.encoder_embed_dim, mixer_cls,

@@ -36,6 +36,12 @@ except Exception as exc:  # ImportError, or CUDA/ABI errors of a CPU-only instal
     logger.debug("causal_conv1d CUDA kernel unavailable: %r", exc)
     causal_conv1d_fn = None
 
+try:  # Mamba-2's SSD scan: a triton kernel (so a GPU and triton are needed to import it)
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+except Exception as exc:  # ImportError (no triton on CPU installs), or CUDA errors
+    logger.debug("mamba_ssm mamba_chunk_scan_combined kernel unavailable: %r", exc)
+    mamba_chunk_scan_combined = None
+
 HAS_CUDA_SCAN = selective_scan_fn is not None
 HAS_CUDA_CONV = causal_conv1d_fn is not None
 
@@ -52,12 +58,15 @@ class Kernels:
     causal_conv1d_fn: Optional[Callable] = None  # causal_conv1d.causal_conv1d_fn
     device_type: str = "cuda"
     dtypes: Tuple[torch.dtype, ...] = KERNEL_DTYPES
+    # last, so that positional Kernels(scan, inner, conv, device_type, dtypes) calls keep working
+    mamba_chunk_scan_combined: Optional[Callable] = None  # mamba_ssm...ssd_combined (Mamba-2)
 
 
-INSTALLED = Kernels(selective_scan_fn, mamba_inner_fn, causal_conv1d_fn)
+INSTALLED = Kernels(selective_scan_fn, mamba_inner_fn, causal_conv1d_fn,
+                    mamba_chunk_scan_combined=mamba_chunk_scan_combined)
 NO_KERNELS = Kernels()
 _ACTIVE = contextvars.ContextVar("fairseq_mamba_kernels", default=INSTALLED)
-OPS = ("selective_scan", "causal_conv1d", "mamba_inner")
+OPS = ("selective_scan", "causal_conv1d", "mamba_inner", "ssd_scan")
 
 
 @contextlib.contextmanager
@@ -74,7 +83,8 @@ def kernel_for(op: str, x: torch.Tensor, stateful: bool = False, conv_width: int
     """The kernel callable one call of ``op`` takes for input ``x``, or None for the PyTorch path.
 
     op: "selective_scan" (x = u), "causal_conv1d" (x = the conv input, width ``conv_width``) or
-    "mamba_inner" (x = xz, the fused one-direction conv + scan + out_proj).
+    "mamba_inner" (x = xz, the fused one-direction conv + scan + out_proj) or "ssd_scan"
+    (x = Mamba-2's x; its kernel takes initial and final states, so any call may take it).
     stateful: the call passes a state the kernel API cannot take (an initial scan state: mamba-ssm's
     selective_scan_fn has none; conv initial/final states, which causal_conv1d_fn only takes
     channel-last, for the PyTorch path is exact anyway).
@@ -86,6 +96,8 @@ def kernel_for(op: str, x: torch.Tensor, stateful: bool = False, conv_width: int
         return None
     if op == "selective_scan":
         return kernels.selective_scan_fn
+    if op == "ssd_scan":
+        return kernels.mamba_chunk_scan_combined
     if op == "causal_conv1d":
         # The kernel is compiled for widths 2..4 only.
         return kernels.causal_conv1d_fn if 2 <= conv_width <= 4 else None
