@@ -69,10 +69,15 @@ step "04 labels (iteration 1)"; q 04_labels_iter1 bash run_scripts/04_labels.sh 
 # chain MODEL NJ: stages 05-08 of one model (NJ feature shards); the from-scratch run starts beside it
 # once iteration 1 is trained, the fine-tuning variants follow iteration 2
 chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_last.pt"
-  step "10 reconstruction model (speech enhancement), $m encoder ($RECON updates), beside the chain"
-  timed "10_reconstruction_$m" bash run_scripts/10_reconstruction.sh "$m" "$W/data" "$W/reconstruction/$m" \
-    optimization.max_update="$RECON" common.log_interval=$((RECON / 5 > 0 ? RECON / 5 : 1)) \
-    checkpoint.save_interval_updates="$RECON" >>"$W/logs/10_reconstruction_$m.log" 2>&1 & local recon_pid=$!
+  local recon_pid=""
+  if [[ -f "examples/reconstruction/${m}_tiny_cpu.yaml" ]]; then
+    step "10 reconstruction model (speech enhancement), $m encoder ($RECON updates), beside the chain"
+    timed "10_reconstruction_$m" bash run_scripts/10_reconstruction.sh "$m" "$W/data" "$W/reconstruction/$m" \
+      optimization.max_update="$RECON" common.log_interval=$((RECON / 5 > 0 ? RECON / 5 : 1)) \
+      checkpoint.save_interval_updates="$RECON" >>"$W/logs/10_reconstruction_$m.log" 2>&1 & recon_pid=$!
+  else
+    step "10: no reconstruction config for $m (examples/reconstruction/ has mamba_hubert and hubert)"
+  fi
   step "05 pre-train $m iteration 1 ($PT1 updates)"
   timed "05_pretrain_${m}_iter1" bash run_scripts/05_pretrain.sh "$m" 1 "$W/data" "$W/labels/iter1" "$W/pretrain/${m}_iter1" \
     optimization.max_update="$PT1" common.log_interval=$((PT1 / 8 > 0 ? PT1 / 8 : 1)) \
@@ -97,7 +102,7 @@ chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_la
   finetune "$m" alone
   finetune "$m" "$HEAD"
   wait "$scratch_pid"
-  wait "$recon_pid" || { tail -20 "$W/logs/10_reconstruction_$m.log" >&2; return 1; }
+  [[ -z "$recon_pid" ]] || wait "$recon_pid" || { tail -20 "$W/logs/10_reconstruction_$m.log" >&2; return 1; }
 }
 
 # finetune MODEL VARIANT: stage 07 + 08 of one ASR variant, the same data, schedule, seed and decoding
@@ -137,7 +142,8 @@ step "09 mutual information per layer (test split)"
 # and the reconstruction model (names as make_report/report_experiment read them)
 mi_ckpts=(); for m in $MODELS; do mi_ckpts+=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"
   "${m}_alone=$W/finetune/$m/checkpoints/checkpoint_best.pt" "${m}_$HEAD=$W/finetune/${m}_$HEAD/checkpoints/checkpoint_best.pt"
-  "${m}_scratch=$W/finetune/${m}_scratch/checkpoints/checkpoint_best.pt" "${m}_recon=$W/reconstruction/$m/checkpoints/checkpoint_last.pt")
+  "${m}_scratch=$W/finetune/${m}_scratch/checkpoints/checkpoint_best.pt")
+  [[ ! -f "$W/reconstruction/$m/.done" ]] || mi_ckpts+=("${m}_recon=$W/reconstruction/$m/checkpoints/checkpoint_last.pt")
 done
 phones=""; [[ -f "$CORPUS/test.phn" ]] && phones="$CORPUS/test.phn"
 KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 MI_ARGS="--targets $MI_TARGETS" \
