@@ -8,8 +8,12 @@ from fairseq_mamba.modules.mamba_mixer import lengths_from_padding_mask, reverse
 DIM = 32
 
 
-def make_layer(bimamba_type, ffn=True, layer_norm_first=False, merge="concat"):
-    mixer_cls = build_mixer_cls(bimamba_type, merge=merge, d_state=8, expand=2)
+MIXERS = {1: dict(d_state=8, expand=2), 2: dict(d_state=8, expand=2, headdim=16, ngroups=2, chunk_size=8)}
+
+
+def make_layer(bimamba_type, ffn=True, layer_norm_first=False, merge="concat", version=1):
+    """A small layer of either Mamba version (Mamba-2: 4 heads of 16, 2 groups, chunks of 8)."""
+    mixer_cls = build_mixer_cls(bimamba_type, merge=merge, version=version, **MIXERS[version])
     layer = MambaEncoderLayer(DIM, mixer_cls, ffn_dim=64 if ffn else 0, layer_norm_first=layer_norm_first)
     return layer.eval()
 
@@ -28,11 +32,12 @@ def padded_batch(lengths, garbage):
     return x, mask, solo
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("bimamba_type", BIMAMBA_TYPES)
 @pytest.mark.parametrize("garbage", [0.0, 1e4, float("nan"), float("inf")])
 @pytest.mark.parametrize("ffn,layer_norm_first,merge", [(True, False, "concat"), (False, True, "sum")])
-def test_padded_batch_equals_each_utterance_alone(bimamba_type, garbage, ffn, layer_norm_first, merge):
-    layer = make_layer(bimamba_type, ffn, layer_norm_first, merge)
+def test_padded_batch_equals_each_utterance_alone(bimamba_type, garbage, ffn, layer_norm_first, merge, version):
+    layer = make_layer(bimamba_type, ffn, layer_norm_first, merge, version)
     lengths = [37, 5, 64, 1]
     x, mask, solo = padded_batch(lengths, garbage)
     with torch.no_grad():
