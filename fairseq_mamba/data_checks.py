@@ -306,7 +306,6 @@ def check_task_split(cfg, split: str):
                                  os.path.join(label_dir, f"dict.{label}.txt"), cfg.label_rate,
                                  cfg.sample_rate)
     from fairseq_mamba.size_checks import task_problems  # (size_checks imports this module)
-
     problems += task_problems(manifest, cfg)
     return manifest, settle(sorted(problems, key=lambda p: p.line), manifest.path)
 
