@@ -26,5 +26,5 @@ mkdir -p "$out"
 log "MI analysis of $# checkpoint(s) on $tsv -> $out"
 # shellcheck disable=SC2086  # MI_ARGS is a list of options
 OMP_NUM_THREADS=1 "$PY" -m fairseq_mamba.analysis.layer_mi --manifest "$tsv" --out "$out" --jobs "${MI_JOBS:-2}" \
-  "${opts[@]}" ${MI_ARGS:-} "$@"
+  "${opts[@]}" ${MI_ARGS:-} -- "$@"  # --: a list option in MI_ARGS (--targets) must not take the checkpoints
 mark_done "$out/.done" "$stamp"
