@@ -138,11 +138,13 @@ def markdown(results, models, head, settings):
                          f"{fmt(e['wer_test_lm'])} | {fmt(e['cer_test_lm'])} | {paper} | "
                          f"{row_sentence(m, variant, head, e, ref)} |")
     recs = {m: results["models"][m].get("reconstruction") for m in models}
+    keys = ("lsd_noisy_db", "lsd_enhanced_db", "lsd_improvement_db", "lsd_mean_spectrum_db")
     if any(recs.values()):
-        lines += ["", "Reconstruction models (the same encoder layers trained for speech enhancement, stage 10; "
-                  "test split): " + "; ".join(f"{m}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, (int, float)) else f"{k} {v}"
-                                                                   for k, v in r.items() if k != "mi")
-                                             for m, r in recs.items() if r) + "."]
+        lines += ["", "Reconstruction models (the same encoder trained for speech enhancement, stage 10; test split, "
+                  "log-spectral distance in dB from the clean speech: noisy input, enhanced, improvement, and a trivial "
+                  "enhancer that outputs the mean clean frame):", "", "| model | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        lines += [f"| {m} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for m, r in recs.items() if r]
     return lines
 
 
@@ -170,7 +172,7 @@ def mi_markdown(work, results, models):
     if not rows:
         return []
     lines = ["## Mutual information per layer (stage 09, test split)", "",
-             "Nats per layer (0 = the encoder's input; a head's layers follow the encoder's, after the `|`): "
+             "Nats per layer (0 = the encoder's input; a head's layers follow the encoder's, after the ‖): "
              "`mi/layer_mi.csv`; estimators and how to read the curves: README, \"Mutual-information analysis\". "
              "*Rises again*: the curve's last layer exceeds its minimum by more than twice the larger spread of the "
              "two (spread = the 2 repeats' std).", ""]
@@ -185,7 +187,7 @@ def mi_markdown(work, results, models):
             vals = mi[t]
             text = " ".join(f"{v:.2f}" for v in vals)
             if n_enc is not None and n_enc + 1 < len(vals):
-                text = " ".join(f"{v:.2f}" for v in vals[: n_enc + 1]) + " | " + " ".join(f"{v:.2f}" for v in vals[n_enc + 1:])
+                text = " ".join(f"{v:.2f}" for v in vals[: n_enc + 1]) + " ‖ " + " ".join(f"{v:.2f}" for v in vals[n_enc + 1:])
             k, rise, noise = rise_again(vals, mi.get("std", {}).get(t))
             verdict = (f"yes: +{rise:.2f} after layer {k} (spread {noise:.2f})" if k < len(vals) - 1 and rise > 2 * noise
                        else "no" if k == len(vals) - 1 else f"within noise: +{rise:.2f} after layer {k} (spread {noise:.2f})")

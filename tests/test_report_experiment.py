@@ -48,12 +48,13 @@ def test_results_and_table_of_every_variant(tmp_path):
     assert m["finetune"]["conformer"]["mi"]["head_layers"] == 1 and "mi" not in m["scratch"]
     assert "reconstruction" not in res["hubert"] and res["hubert"]["finetune"]["conformer"]["wer_test"] == 82.0
     report = (tmp_path / "report.md").read_text()
+    assert "| mamba_hubert | n/a | n/a | 3.50 | n/a |" in report  # the reconstruction row
     assert "| mamba_hubert | + conformer head | 1,250,000 | 65.00 | 21.67 | 55.50 | 18.50 | 9.2 (+ Conformer, 100 h) |" in report
     assert "One conformer layer on top helps: 4.50 points below fine-tuning alone." in report
     assert "One conformer layer on top does not help: 1.00 points above fine-tuning alone." in report
     assert "No pre-training, same schedule: 38.00 points above the fine-tuned encoder alone" in report
     # layer0 falls to 1.5 at layer 2 and rises by 1.0 (spread 0.05): marked; mfcc's +0.05 is within its spread
-    assert "| mamba_hubert | + conformer head | layer0 | 3.00 2.00 1.50 | 2.50 | yes: +1.00 after layer 2 (spread 0.05) |" in report
+    assert "| mamba_hubert | + conformer head | layer0 | 3.00 2.00 1.50 ‖ 2.50 | yes: +1.00 after layer 2 (spread 0.05) |" in report
     assert "| mamba_hubert | pre-trained | mfcc | 2.00 1.90 1.80 1.85 | within noise: +0.05 after layer 2 (spread 0.10) |" in report
 
 
