@@ -42,6 +42,6 @@ setup(
         "pipeline": ["scikit-learn", "joblib", "npy-append-array", "sentencepiece", "matplotlib"],
         # Beam-search decoding with a letter n-gram LM (stage 08): flashlight's decoder and KenLM.
         "lm": ["flashlight-text"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "hypothesis"],
     },
 )

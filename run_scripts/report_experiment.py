@@ -11,6 +11,8 @@ import json
 import os
 import re
 
+from fairseq_mamba.analysis.mi_plots import plot_checkpoint_curves, rise_again
+
 VARIANTS = ("scratch", "alone", "head")
 MI_TARGETS = ("layer0", "mfcc", "units", "phones", "input")
 MI_EXTRA = ("std", "encoder_layers", "head_layers")
@@ -148,15 +150,6 @@ def markdown(results, models, head, settings):
     return lines
 
 
-def rise_again(values, spread):
-    """(layer of the minimum, rise from it to the last layer, spread) of one curve; the rise counts
-    as real when it exceeds twice the larger of the two layers' spreads (2 repeats each)."""
-    k = min(range(len(values)), key=values.__getitem__)
-    rise = values[-1] - values[k]
-    noise = max(spread[k], spread[-1]) if spread else 0.0
-    return k, rise, noise
-
-
 def curve_checkpoints(results, m):
     """[(label, mi)] of model m's checkpoints that stage 09 measured, in the report's order."""
     r = results["models"][m]
@@ -176,8 +169,9 @@ def mi_markdown(work, results, models):
              "`mi/layer_mi.csv`; estimators and how to read the curves: README, \"Mutual-information analysis\". "
              "*Rises again*: the curve's last layer exceeds its minimum by more than twice the larger spread of the "
              "two (spread = the 2 repeats' std).", ""]
-    if os.path.exists(os.path.join(work, "mi", "layer_mi.png")):
-        lines += ["![MI per layer](mi/layer_mi.png)", ""]
+    plot_checkpoint_curves({m: curve_checkpoints(results, m) for m in models if curve_checkpoints(results, m)},
+                           MI_TARGETS, os.path.join(work, "mi", "checkpoint_mi.png"))
+    lines += ["![MI per layer, model by model](mi/checkpoint_mi.png)", ""]
     lines += ["| model | checkpoint | target | per layer | rises again? |", "|---|---|---|---|---|"]
     for m, label, mi in rows:
         n_enc = mi.get("encoder_layers")
@@ -188,8 +182,8 @@ def mi_markdown(work, results, models):
             text = " ".join(f"{v:.2f}" for v in vals)
             if n_enc is not None and n_enc + 1 < len(vals):
                 text = " ".join(f"{v:.2f}" for v in vals[: n_enc + 1]) + " ‖ " + " ".join(f"{v:.2f}" for v in vals[n_enc + 1:])
-            k, rise, noise = rise_again(vals, mi.get("std", {}).get(t))
-            verdict = (f"yes: +{rise:.2f} after layer {k} (spread {noise:.2f})" if k < len(vals) - 1 and rise > 2 * noise
+            k, rise, noise, real = rise_again(vals, mi.get("std", {}).get(t))
+            verdict = (f"yes: +{rise:.2f} after layer {k} (spread {noise:.2f})" if real
                        else "no" if k == len(vals) - 1 else f"within noise: +{rise:.2f} after layer {k} (spread {noise:.2f})")
             lines.append(f"| {m} | {label} | {t} | {text} | {verdict} |")
     return lines + [""]

@@ -38,7 +38,7 @@ if ! "$py" -c "import fairseq" 2>/dev/null; then
   "${pip[@]}" --no-build-isolation --no-deps "fairseq-fixed==0.12.3.1"
 fi
 "${pip[@]}" -c "$constraints" cffi "hydra-core==1.3.2" "omegaconf==2.3.0" regex sacrebleu tqdm \
-  bitarray scikit-learn soundfile sentencepiece npy-append-array joblib matplotlib pytest hypothesis \
+  bitarray scikit-learn soundfile sentencepiece npy-append-array joblib matplotlib pytest pytest-xdist hypothesis \
   editdistance scipy "flashlight-text==0.0.7" ninja
 # torchaudio: only its pure-Python parts are used (fairseq's upstream MFCC dump). The one
 # release that accepts torch 2.13 is a CUDA build whose C++ extension cannot load on a CPU

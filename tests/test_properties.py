@@ -46,7 +46,9 @@ def scan_impl(name):
        with_h0=st.booleans(), softplus=st.booleans(), seed=st.integers(0, 2**16))
 def test_scan_equals_reference_loop(impl, batch, groups, dims_per_group, d_state, length, chunk,
                                     with_h0, softplus, seed):
-    """Outputs, last state and every gradient within 1e-5 (relative to the reference's max)."""
+    """Outputs, last state and every gradient within 1e-5 (relative to the reference's max), or within
+    4x the fp32 reference's own error where a gradient is a long sum that cancels (its fp32 round-off,
+    relative to the small result, can exceed 1e-5 in any summation order: D's 2.2e-5 at seed 6370)."""
     g = torch.Generator().manual_seed(seed)
     dim = groups * dims_per_group
     x = dict(
@@ -81,9 +83,11 @@ def test_scan_equals_reference_loop(impl, batch, groups, dims_per_group, d_state
     # in another summation order, which the comparison would count against the path under test)
     x64 = {k: None if v is None else v.detach().double().requires_grad_() for k, v in x.items()}
     want = outputs_and_grads(x64, *selective_scan_reference(**x64, delta_softplus=softplus, return_last_state=True))
-    for a, b, what in zip((*got[0], *got[1]), (*want[0], *want[1]), ["out", "last", *names]):
+    x32 = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
+    ref32 = outputs_and_grads(x32, *selective_scan_reference(**x32, delta_softplus=softplus, return_last_state=True))
+    for a, b, r, what in zip((*got[0], *got[1]), (*want[0], *want[1]), (*ref32[0], *ref32[1]), ["out", "last", *names]):
         assert a.shape == b.shape and torch.isfinite(a).all(), what
-        assert rel_err(a, b) <= 1e-5, (what, rel_err(a, b))
+        assert rel_err(a, b) <= max(1e-5, 4 * rel_err(r, b)), (what, rel_err(a, b), rel_err(r, b))
 
 
 @settings(max_examples=25, **SETTINGS)

@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, subprocess_env
+import pytest
 
-sys.path.insert(0, str(REPO / "run_scripts"))
-from report_experiment import rise_again  # noqa: E402
+from conftest import REPO, subprocess_env
+from fairseq_mamba.analysis.mi_plots import plot_checkpoint_curves, rise_again
 
 WERS = {"mamba_hubert": (70.0, 60.0), "mamba_hubert_conformer": (65.0, 55.5), "mamba_hubert_scratch": (99.0, 98.0),
         "hubert": (80.0, 66.0), "hubert_conformer": (82.0, 67.0), "hubert_scratch": (100.0, 99.5)}
@@ -56,7 +56,24 @@ def test_results_and_table_of_every_variant(tmp_path):
     # layer0 falls to 1.5 at layer 2 and rises by 1.0 (spread 0.05): marked; mfcc's +0.05 is within its spread
     assert "| mamba_hubert | + conformer head | layer0 | 3.00 2.00 1.50 ‖ 2.50 | yes: +1.00 after layer 2 (spread 0.05) |" in report
     assert "| mamba_hubert | pre-trained | mfcc | 2.00 1.90 1.80 1.85 | within noise: +0.05 after layer 2 (spread 0.10) |" in report
+    assert "![MI per layer, model by model](mi/checkpoint_mi.png)" in report and (tmp_path / "mi" / "checkpoint_mi.png").exists()
 
 
 def test_rise_again_of_a_falling_curve_is_no():
-    assert rise_again([3.0, 2.0, 1.0], [0.1, 0.1, 0.1]) == (2, 0.0, 0.1)
+    assert rise_again([3.0, 2.0, 1.0], [0.1, 0.1, 0.1]) == (2, 0.0, 0.1, False)
+    assert rise_again([3.0, 1.0, 1.5], [0.1, 0.3, 0.2]) == (1, 0.5, 0.3, False)  # 0.5 < 2 x 0.3
+    assert rise_again([3.0, 1.0, 1.5], None) == (1, 0.5, 0.0, True)
+    with pytest.raises(ValueError, match="empty curve"):
+        rise_again([], None)
+
+
+def test_the_plot_marks_each_rise_against_its_spread(tmp_path):
+    head = {"input": [2.0, 1.0, 1.6], "std": {"input": [0.1, 0.1, 0.1]}, "encoder_layers": 1}
+    flat = {"input": [2.0, 1.5, 1.0], "layer0": [3.0, 2.9, 2.95],
+            "std": {"input": [0.1, 0.1, 0.1], "layer0": [0.05, 0.05, 0.05]}}
+    marks = plot_checkpoint_curves({"m": [("+ conformer head", head), ("fine-tuned alone", flat)]},
+                                   ["layer0", "phones", "input"], str(tmp_path / "c.png"))
+    assert marks == ["m | fine-tuned alone | layer0: +0.05 (<= 2x0.05)", "m | + conformer head | input: +0.60 (> 2x0.10) *"]
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_checkpoint_curves({"m": [("alone", flat)]}, ["phones"], str(tmp_path / "d.png"))

@@ -1,7 +1,9 @@
-"""The layer-wise MI figure of :mod:`.layer_mi`: one panel per target, every model on the same axes."""
+"""The layer-wise MI figures: :func:`plot_layer_mi` (stage 09, one panel per target, every checkpoint on
+the same axes) and :func:`plot_checkpoint_curves` (the demo's report, model by model, where a curve
+rises again marked by :func:`rise_again`)."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional, Sequence, Tuple
 
 TITLES = {
     "layer0": "I(layer k; layer-0 code c0)  [reconstruction view]",
@@ -58,3 +60,68 @@ def plot_layer_mi(result: Dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def rise_again(values: Sequence[float], spread: Optional[Sequence[float]] = None) -> Tuple[int, float, float, bool]:
+    """Does a layer-wise MI curve fall and then rise again toward its last layer?
+
+    values: MI per layer (0 = the encoder's input); spread: each layer's std over repeats.
+    Returns (k, rise, noise, real): k the layer of the curve's minimum, rise = values[-1] - values[k]
+    (0 when the minimum is the last layer: no rise), noise = the larger spread of the two layers,
+    real = the rise exceeds twice that noise (with 2 repeats a std is itself rough, hence the margin)."""
+    if not len(values):
+        raise ValueError("rise_again: an empty curve (no layers)")
+    k = min(range(len(values)), key=values.__getitem__)
+    rise = float(values[-1] - values[k])
+    noise = float(max(spread[k], spread[-1])) if spread else 0.0
+    return k, rise, noise, k < len(values) - 1 and rise > 2 * noise
+
+
+def plot_checkpoint_curves(curves: Dict[str, List[Tuple[str, Dict]]], targets: Sequence[str], path: str) -> List[str]:
+    """Write ``path`` (PNG): one row per model, one column per target, that model's checkpoints
+    (pre-trained, scratch, fine-tuned alone, + head, reconstruction) as curves on y axes shared down
+    each column. curves: {model: [(label, mi)]}, mi = a stage-09 entry ({target: [MI per layer],
+    "std": {target: [...]}, "encoder_layers": n}). A dotted vertical line separates the encoder's
+    layers from a head's; where a curve rises again after its minimum, a bracket from the minimum
+    to the last layer is labelled with the rise and its noise (solid and starred: above twice the
+    noise; dashed: within it). Returns those labels, "model | checkpoint | target: text"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t for t in targets if any(t in mi for rows in curves.values() for _, mi in rows)]
+    if not curves or not targets:
+        raise ValueError(f"plot_checkpoint_curves: nothing to plot (models {list(curves)}, targets {list(targets)})")
+    fig, axes = plt.subplots(len(curves), len(targets), figsize=(5.2 * len(targets), 3.4 * len(curves)),
+                             squeeze=False, sharey="col")
+    marks = []
+    for row, (model, rows) in zip(axes, curves.items()):
+        for ax, target in zip(row, targets):
+            for label, mi in rows:
+                if target not in mi:
+                    continue
+                values, spread = mi[target], mi.get("std", {}).get(target)
+                line = ax.errorbar(range(len(values)), values, yerr=spread, marker="o", ms=3, capsize=2, label=label)
+                n_enc = mi.get("encoder_layers")
+                if n_enc is not None and n_enc + 1 < len(values):
+                    ax.axvline(n_enc + 0.5, color=line[0].get_color(), ls=":", lw=1)
+                k, rise, noise, real = rise_again(values, spread)
+                if rise > 0:
+                    last = len(values) - 1
+                    ax.plot([last + 0.15] * 2, [values[k], values[-1]], color=line[0].get_color(),
+                            ls="-" if real else "--", lw=1.5)
+                    text = f"+{rise:.2f} ({'>' if real else '<='} 2x{noise:.2f}){' *' if real else ''}"
+                    ax.annotate(text, (last + 0.2, (values[k] + values[-1]) / 2), fontsize=6, color=line[0].get_color())
+                    marks.append(f"{model} | {label} | {target}: {text}")
+            ax.set_title(f"{model}: {TITLES.get(target, target)}", fontsize=8)
+            ax.set_xlabel("layer (0 = encoder input; head layers after the dotted line)", fontsize=7)
+            ax.set_ylabel("MI (nats)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle("MI per layer of every checkpoint; bracket = rise after the minimum (* = above twice its spread)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return marks
