@@ -3,10 +3,17 @@
 ``common.user_dir=fairseq_mamba`` (or ``import fairseq_mamba``) registers the ``mamba_hubert``
 model and criterion (and the ``speech_enhancement`` task, ``hubert_enhancer`` model and
 ``spectral_reconstruction`` criterion of the reconstruction model), lets fairseq's own checkpoint loading read checkpoints under
-torch >= 2.6 (see ``checkpoint_compat``), makes fairseq 0.12's ``hubert_ctc`` buildable
-(see ``upstream.patch_hubert_ctc``) so plain ``fairseq-hydra-train`` fine-tunes our checkpoints,
+torch >= 2.6 (see ``fairseq_fixes.checkpoint_compat``), makes fairseq 0.12's ``hubert_ctc`` buildable
+(see ``fairseq_fixes.upstream.patch_hubert_ctc``) so plain ``fairseq-hydra-train`` fine-tunes our checkpoints,
 checks every split fairseq's ``hubert_pretraining`` task loads before it loads it
-(``data_checks``; size limits: ``size_checks``), and makes a killed run resume exactly (``resume``).
+(``checks.data_checks``; size limits: ``checks.size_checks``), and makes a killed run resume exactly
+(``fairseq_fixes.resume``).
+
+Folders by role: ``models/`` (auto-imported by fairseq), ``criterions/``, ``tasks/``, ``modules/`` (the
+layers), ``ops/`` (scans and convs, their kernels and references), ``fairseq_fixes/``, ``checks/`` (input
+validation before the first update), ``decoding/`` (CTC Viterbi and LM decoding), ``inference/``
+(streaming, long-form encoding, enhancement scoring), ``analysis/`` (layer-wise MI), ``prepare/`` (a
+user's corpus into the layout stage 01 reads).
 """
 try:
     import fairseq  # noqa: F401
@@ -17,14 +24,14 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq
         "  pip install --no-build-isolation fairseq-fixed==0.12.3.1  (Python >= 3.11)"
     ) from err
 
-from .checkpoint_compat import allow_fairseq_checkpoints
+from .fairseq_fixes.checkpoint_compat import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
 
-from .data_checks import install_training_checks  # noqa: E402
-from .resume import install_resume_fixes  # noqa: E402
-from .size_checks import install_size_checks  # noqa: E402
-from .upstream import patch_hubert_ctc  # noqa: E402
+from .checks.data_checks import install_training_checks  # noqa: E402
+from .fairseq_fixes.resume import install_resume_fixes  # noqa: E402
+from .checks.size_checks import install_size_checks  # noqa: E402
+from .fairseq_fixes.upstream import patch_hubert_ctc  # noqa: E402
 
 install_training_checks()
 install_size_checks()

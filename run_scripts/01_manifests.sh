@@ -5,7 +5,7 @@
 # OUT_DIR gets {split}.tsv (first line: absolute audio root; then path<TAB>num_samples),
 # {split}.wrd, {split}.ltr (letters, '|' word boundary) and dict.ltr.txt (letter counts, train).
 # Splits: $SPLITS (default: every {train,valid,test}.tsv present). $TRAIN_UTTS keeps only the
-# first N train utterances (default: all). Every audio file is checked (fairseq_mamba.data_checks):
+# first N train utterances (default: all). Every audio file is checked (fairseq_mamba.checks.data_checks):
 # a bad one stops the stage naming it; FAIRSEQ_MAMBA_BAD_LINES=skip leaves it out instead.
 # Skipped when complete for the same inputs; refuses to overwrite other inputs' output (FORCE=1).
 set -euo pipefail
@@ -24,7 +24,7 @@ needs_run "$out/.done" "$stamp" "manifests in $out" "$out"/*.tsv || exit 0
 mkdir -p "$out"
 TRAIN_UTTS=${TRAIN_UTTS:-} "$PY" - "$corpus" "$out" $splits <<'PYEOF'
 import collections, os, sys
-from fairseq_mamba import data_checks as dc
+from fairseq_mamba.checks import data_checks as dc
 
 corpus, out, splits = sys.argv[1], sys.argv[2], sys.argv[3:]
 train_utts = int(os.environ["TRAIN_UTTS"]) if os.environ.get("TRAIN_UTTS") else None

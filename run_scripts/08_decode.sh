@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Stage 8: CTC decoding + WER/CER with fairseq_mamba/decode.py: Viterbi (no LM), then beam search
+# Stage 8: CTC decoding + WER/CER with fairseq_mamba/decoding/decode.py: Viterbi (no LM), then beam search
 # with a letter 6-gram LM estimated from MANIFEST_DIR/train.ltr (no lexicon; LM weight and
 # word-boundary score chosen on the valid split, never on SPLIT).
 # usage: run_scripts/08_decode.sh FT_CKPT MANIFEST_DIR SPLIT OUT_DIR
 # fairseq's examples/speech_recognition/new/infer.py needs flashlight's sequence bindings even for
 # Viterbi (W2lViterbiDecoder), and a lexicon for its KenLM decoder; decode.py does the no-LM
 # Viterbi itself (per-frame argmax of the CTC posteriors, merge repeats, drop blanks) and the LM
-# search with flashlight-text's lexicon-free decoder (fairseq_mamba/lm_decoder.py).
+# search with flashlight-text's lexicon-free decoder (fairseq_mamba/decoding/lm_decoder.py).
 # Writes OUT_DIR/{SPLIT}.hyp, {SPLIT}.lm.hyp, {SPLIT}.ref, {SPLIT}.json ({"wer":..,"cer":..,
 # "lm": {"wer":..,"cer":..,...}}) and OUT_DIR/letters_6gram.arpa. Skipped when complete for the
 # same checkpoint and data (OUT_DIR/{SPLIT}.done), refused for others unless FORCE=1.
@@ -20,6 +20,6 @@ if ! needs_run "$out/$split.done" "$stamp" "decoding of $split in $out" "$out/$s
   cat "$out/$split.json"; exit 0
 fi
 mkdir -p "$out"
-"$PY" -m fairseq_mamba.ngram_lm "$data/train.ltr" "$out/letters_6gram.arpa" --order 6
-"$PY" -m fairseq_mamba.decode "$ckpt" "$data" "$split" "$out" --lm "$out/letters_6gram.arpa" --tune-split valid
+"$PY" -m fairseq_mamba.decoding.ngram_lm "$data/train.ltr" "$out/letters_6gram.arpa" --order 6
+"$PY" -m fairseq_mamba.decoding.decode "$ckpt" "$data" "$split" "$out" --lm "$out/letters_6gram.arpa" --tune-split valid
 mark_done "$out/$split.done" "$stamp"

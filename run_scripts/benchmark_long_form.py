@@ -8,7 +8,7 @@ bundled corpus' speech, tiled to the length), randomly initialised BASE models:
                          model.extract_features(wav) under no_grad, as fairseq encodes a file
   mamba_hubert one pass  mamba_hubert Base (external BiMamba), the same call
   mamba_hubert encode_long / hubert encode_long
-                         python -m fairseq_mamba.encode_long CONFIG AUDIO OUT --layers 6 12
+                         python -m fairseq_mamba.inference.encode_long CONFIG AUDIO OUT --layers 6 12
 Peak RSS is the subprocess' own maximum resident set (os.wait4's ru_maxrss), so it includes
 the interpreter, torch and the model (about 0.7-0.8 GB). Time: the encoding's CPU seconds
 (time.process_time: with one thread, the wall time of an idle machine, and robust to other
@@ -69,7 +69,7 @@ def one_pass_worker(model_name, audio):
     """Subprocess body: build the model, read the file, one extract_features call; print JSON."""
     import torch
 
-    from fairseq_mamba.encode_long import load_model, read_audio
+    from fairseq_mamba.inference.encode_long import load_model, read_audio
 
     torch.set_num_threads(1)
     model, _ = load_model(str(ROOT / "examples/pretrain" / CONFIGS[model_name]))
@@ -84,7 +84,7 @@ def one_pass_worker(model_name, audio):
 def model_only_worker(model_name):
     import torch
 
-    from fairseq_mamba.encode_long import load_model
+    from fairseq_mamba.inference.encode_long import load_model
 
     torch.set_num_threads(1)
     load_model(str(ROOT / "examples/pretrain" / CONFIGS[model_name]))
@@ -157,7 +157,7 @@ def main():
             if method == "one pass":
                 cmd = [py, __file__, "--one-pass", name, str(audio)]
             else:
-                cmd = [py, "-m", "fairseq_mamba.encode_long", str(ROOT / "examples/pretrain" / CONFIGS[name]),
+                cmd = [py, "-m", "fairseq_mamba.inference.encode_long", str(ROOT / "examples/pretrain" / CONFIGS[name]),
                        str(audio), str(work / "out"), "--layers", "6", "12", "--threads", "1", "--no-progress"]
             rc, wall, rss, out = measure(cmd, args.cap_gb)
             over = rc != 0 and ("can't allocate" in out or "MemoryError" in out or "std::bad_alloc" in out)

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark_report import machine  # noqa: E402
-from fairseq_mamba.encode_long import build_from_config  # noqa: E402
-from fairseq_mamba.streaming import StreamingEncoder  # noqa: E402
+from fairseq_mamba.inference.encode_long import build_from_config  # noqa: E402
+from fairseq_mamba.inference.streaming import StreamingEncoder  # noqa: E402
 
 CAUSAL = {"bimamba_type": "none"}
 CONFIGS = {

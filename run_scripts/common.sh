@@ -7,7 +7,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 log() { echo "[$(date +%H:%M:%S) $(basename "$0")] $*" >&2; }
 # upstream <script> args... : fairseq's simple_kmeans script through our compat wrapper
-upstream() { "$PY" -m fairseq_mamba.upstream "$@"; }
+upstream() { "$PY" -m fairseq_mamba.fairseq_fixes.upstream "$@"; }
 abspath() { "$PY" -c 'import os,sys; print(os.path.abspath(sys.argv[1]))' "$1"; }
 
 # Stage bookkeeping. A piece of work (a stage, a shard) is complete when its MARKER file holds

@@ -8,7 +8,7 @@
 #   CORPUS=examples/corpus/data   WORK=outputs/demo   (everything goes under WORK; re-running skips
 #                  finished stages, so an interrupted demo resumes)
 #   PT1_UPDATES, PT2_UPDATES, FT_UPDATES, K1, K2, TRAIN_UTTS: override the scale-derived sizes.
-# Stage 09 (MI per layer, both models) runs last. Writes WORK/report.md (+ PNG plots), WORK/results.json and WORK/details.json, numbers parsed from
+# Stage 09 (MI per layer of every checkpoint) ends each model's chain (WORK/mi/MODEL/). Writes WORK/report.md (+ PNG plots), WORK/results.json and WORK/details.json, numbers parsed from
 # this run's logs; WORK/stage_seconds.tsv holds every stage's wall seconds. A resumed demo appends
 # its seconds (setup_seconds.txt, wall_seconds.txt, one line per invocation), and the report sums them.
 set -euo pipefail
@@ -30,7 +30,9 @@ PT2=${PT2_UPDATES:-$((250 * S))}
 FT=${FT_UPDATES:-$((1000 * S))}  # each of the three ASR variants per model
 HEAD=${HEAD:-conformer}  # the extra module of the paper's experiment: conformer | transformer | bimamba
 RECON=${RECON_UPDATES:-$((300 * S))}  # stage 10, the reconstruction (speech enhancement) models
-MI_TARGETS=${MI_TARGETS:-layer0 phones input}  # stage 09 (layer_mi --targets; also: mfcc units)
+# stage 09 (layer_mi --targets): our estimator (layer0) and the paper's procedure (input); phones (the
+# bundled corpus's labels), mfcc and units cost ~1/3 of the stage each: MI_TARGETS="layer0 phones input"
+MI_TARGETS=${MI_TARGETS:-layer0 input}
 K1=${K1:-50}; K2=${K2:-50}
 mkdir -p "$W/logs"
 for s in train valid test; do
@@ -47,9 +49,11 @@ echo "$(( $(date +%s) - t_start ))" >>"$W/setup_seconds.txt"
 
 step() { echo "[demo $(date +%H:%M:%S) +$(( $(date +%s) - t_start ))s] $*"; }
 # timed NAME cmd...: run a stage, appending "NAME wall user sys" seconds (its processes and their
-# children) to WORK/stage_seconds.tsv: CPU seconds are what a quiet machine's wall time would be
-timed() { local name=$1 TIMEFORMAT; shift; TIMEFORMAT="$name	%R	%U	%S"
-  { time "$@" 2>&3; } 3>&2 2>>"$W/stage_seconds.tsv"; }
+# children) to WORK/stage_seconds.tsv: CPU seconds are what a quiet machine's wall time would be.
+# In a subshell because bash's `time` adds the CPU of every child reaped while it runs: in the chain's
+# own shell a background job ending meanwhile (the scratch fine-tuning, stage 10) was counted too.
+timed() { local name=$1; shift
+  ( TIMEFORMAT="$name	%R	%U	%S"; time "$@" 2>&3 ) 3>&2 2>>"$W/stage_seconds.tsv"; }
 # q NAME cmd...: a timed stage with its output in WORK/logs/NAME.log (shown if it fails)
 q() { local name=$1; shift
   timed "$name" "$@" >>"$W/logs/$name.log" 2>&1 || {
@@ -103,6 +107,20 @@ chain() { local m=$1 nj=$2 ck1="$W/pretrain/${1}_iter1/checkpoints/checkpoint_la
   finetune "$m" "$HEAD"
   wait "$scratch_pid"
   [[ -z "$recon_pid" ]] || wait "$recon_pid" || { tail -20 "$W/logs/10_reconstruction_$m.log" >&2; return 1; }
+  mutual_information "$m"
+}
+
+# Stage 09 on every checkpoint of model m, as soon as its chain is done: the first chain to finish
+# fills the core that the other chain's last fine-tuning leaves idle.
+mutual_information() { local m=$1 ckpts phones=""
+  ckpts=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"
+    "${m}_alone=$W/finetune/$m/checkpoints/checkpoint_best.pt" "${m}_$HEAD=$W/finetune/${m}_$HEAD/checkpoints/checkpoint_best.pt"
+    "${m}_scratch=$W/finetune/${m}_scratch/checkpoints/checkpoint_best.pt")
+  [[ ! -f "$W/reconstruction/$m/.done" ]] || ckpts+=("${m}_recon=$W/reconstruction/$m/checkpoints/checkpoint_last.pt")
+  if [[ -f "$CORPUS/test.phn" ]]; then phones="$CORPUS/test.phn"; fi
+  step "09 mutual information per layer of $m's ${#ckpts[@]} checkpoints (test split; targets: $MI_TARGETS)"
+  KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 MI_ARGS="--targets $MI_TARGETS" \
+    q "09_mi_$m" bash run_scripts/09_mi_analysis.sh "$W/data/test.tsv" "$W/mi/$m" "${ckpts[@]}"
 }
 
 # finetune MODEL VARIANT: stage 07 + 08 of one ASR variant, the same data, schedule, seed and decoding
@@ -137,17 +155,6 @@ if [[ "$PARALLEL" == 1 ]]; then
 else
   for m in $MODELS; do chain "$m" 2; done
 fi
-step "09 mutual information per layer (test split)"
-# every checkpoint of the paper's analysis: pre-trained, fine-tuned alone, with the head, from scratch,
-# and the reconstruction model (names as make_report/report_experiment read them)
-mi_ckpts=(); for m in $MODELS; do mi_ckpts+=("$m=$W/pretrain/${m}_iter2/checkpoints/checkpoint_last.pt"
-  "${m}_alone=$W/finetune/$m/checkpoints/checkpoint_best.pt" "${m}_$HEAD=$W/finetune/${m}_$HEAD/checkpoints/checkpoint_best.pt"
-  "${m}_scratch=$W/finetune/${m}_scratch/checkpoints/checkpoint_best.pt")
-  [[ ! -f "$W/reconstruction/$m/.done" ]] || mi_ckpts+=("${m}_recon=$W/reconstruction/$m/checkpoints/checkpoint_last.pt")
-done
-phones=""; [[ -f "$CORPUS/test.phn" ]] && phones="$CORPUS/test.phn"
-KMEANS="$W/km/mfcc_k$K1.bin" PHONES="$phones" MI_JOBS=2 MI_ARGS="--targets $MI_TARGETS" \
-  q 09_mi bash run_scripts/09_mi_analysis.sh "$W/data/test.tsv" "$W/mi" "${mi_ckpts[@]}"
 step "report"
 uptime >>"$W/load.txt"
 echo "$(( $(date +%s) - t_start ))" >>"$W/wall_seconds.txt"

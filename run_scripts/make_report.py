@@ -9,7 +9,7 @@ gives null (n/a in the report).
 results.json is {"models": {m: {params, wer_test, cer_test, sec_per_update, peak_rss_mb,
 pretrain_loss_final, wer_test_lm, cer_test_lm, mi}}} (wer/cer_test: Viterbi, no LM; *_lm: stage 08's
 letter-LM beam search), "mi" ({"layer0"|"mfcc"|"units"|"phones": one value per layer}) from
-stage 09's WORK/mi/layer_mi.json when it ran; details.json adds per-stage numbers, wall time and settings.
+stage 09's WORK/mi/MODEL/layer_mi.json when it ran; details.json adds per-stage numbers, wall time and settings.
 """
 import json
 import os
@@ -144,9 +144,9 @@ def model_stats(work, m):
 def results_entry(work, m, stats, head):
     """The results.json entry of model m: the summary keys (its fine-tuned-alone numbers), "mi" of the
     pre-trained encoder (one value per layer and target, nats, with spreads) when stage 09 ran
-    (WORK/mi/layer_mi.json), and the paper's experiment (report_experiment.experiment)."""
+    (WORK/mi/MODEL/layer_mi.json), and the paper's experiment (report_experiment.experiment)."""
     entry = {k: stats[k] for k in RESULT_KEYS}
-    layer_mi = read_json(os.path.join(work, "mi", "layer_mi.json"))
+    layer_mi = read_json(os.path.join(work, "mi", m, "layer_mi.json"))
     mi = mi_curves(layer_mi, m)
     if mi:
         entry["mi"] = mi
@@ -263,7 +263,7 @@ def markdown(work, stats, results, plots, walls, settings, load, seconds):
               "pre-train sec/update (first table) = CPU seconds (user + sys) of both pre-training stages / their updates "
               "(the demo runs several jobs on the two cores, so wall time per update would count the sharing); in the "
               "per-stage table, sec/update = summed `train_wall` of the epochs (wall; no validation or checkpointing) / updates; peak RSS = the largest training process of the model's stages; WER/CER "
-              "from `fairseq_mamba/decode.py` (Viterbi CTC best path, no LM) on the test split "
+              "from `fairseq_mamba/decoding/decode.py` (Viterbi CTC best path, no LM) on the test split "
               "(24% of its word tokens never occur in train).", ""]
     best = {m: min((w for w in (r["wer_test"], r["wer_test_lm"]) if w is not None), default=None) for m, r in stats.items()}
     over = [m for m, w in best.items() if w is not None and w >= 40]

@@ -4,7 +4,7 @@ reconstruction model (WORK/reconstruction/m) when it ran. Used by make_report.py
 
 results.json gains per model ``"finetune": {"alone": E, HEAD: E}``, ``"scratch": E`` and
 ``"reconstruction": {...}``, E = {wer_test, cer_test, wer_test_lm, cer_test_lm, params, checkpoint
-(, mi)}; "mi" is stage 09's curves of that checkpoint (WORK/mi/layer_mi.json, model name
+(, mi)}; "mi" is stage 09's curves of that checkpoint (WORK/mi/m/layer_mi.json, model name
 ``m_alone``, ``m_HEAD``, ``m_scratch``, ``m_recon``) when it ran.
 """
 import json
@@ -34,7 +34,7 @@ def read_json(path):
 
 
 def mi_curves(layer_mi, name):
-    """Stage 09's curves of one checkpoint (WORK/mi/layer_mi.json's entry NAME): one value per layer
+    """Stage 09's curves of one checkpoint (WORK/mi/MODEL/layer_mi.json's entry NAME): one value per layer
     and target, their spreads ("std") and, where given, how many layers are encoder and head."""
     mi = layer_mi.get("models", {}).get(name)
     if not mi:
@@ -166,7 +166,7 @@ def mi_markdown(work, results, models):
         return []
     lines = ["## Mutual information per layer (stage 09, test split)", "",
              "Nats per layer (0 = the encoder's input; a head's layers follow the encoder's, after the ‖): "
-             "`mi/layer_mi.csv`; estimators and how to read the curves: README, \"Mutual-information analysis\". "
+             "`mi/<model>/layer_mi.csv`; estimators and how to read the curves: README, \"Mutual-information analysis\". "
              "*Rises again*: the curve's last layer exceeds its minimum by more than twice the larger spread of the "
              "two (spread = the 2 repeats' std).", ""]
     plot_checkpoint_curves({m: curve_checkpoints(results, m) for m in models if curve_checkpoints(results, m)},

@@ -42,7 +42,7 @@ fi
   editdistance scipy "flashlight-text==0.0.7" ninja
 # torchaudio: only its pure-Python parts are used (fairseq's upstream MFCC dump). The one
 # release that accepts torch 2.13 is a CUDA build whose C++ extension cannot load on a CPU
-# machine; --no-deps keeps torch, and fairseq_mamba.upstream stubs the extension at run time.
+# machine; --no-deps keeps torch, and fairseq_mamba.fairseq_fixes.upstream stubs the extension at run time.
 if ! "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchaudio') is None)"; then
   "${pip[@]}" --no-deps "torchaudio==2.11.0"
 fi

@@ -20,8 +20,8 @@ import soundfile as sf
 import torch
 
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask
-from fairseq_mamba import data_checks
-from fairseq_mamba.data_checks import BAD_LINES_ENV, DataError, check_task_split
+from fairseq_mamba.checks import data_checks
+from fairseq_mamba.checks.data_checks import BAD_LINES_ENV, DataError, check_task_split
 
 from conftest import BIN, REPO, subprocess_env, write_tiny_dataset
 
@@ -103,7 +103,7 @@ def test_bad_audio_is_named_with_its_manifest_line_and_fix(fault, tmp_path, monk
     assert AUDIO_FAULTS[fault][1] in message and "Fix: " in message and BAD_LINES_ENV in message
     # the explicit option: the line is skipped and counted instead
     monkeypatch.setenv(BAD_LINES_ENV, "skip")
-    with caplog.at_level(logging.WARNING, logger="fairseq_mamba.data_checks"):
+    with caplog.at_level(logging.WARNING, logger="fairseq_mamba.checks.data_checks"):
         _, bad = check_task_split(task_cfg(root), "train")
     assert bad == {LINE}
     assert f"skipping 1 bad line(s) of {root / 'train.tsv'}" in caplog.text
@@ -249,7 +249,7 @@ def test_training_skips_bad_lines_when_asked_and_counts_them(skipped_run):
 
 
 def upstream(*args, env=None):
-    return run([sys.executable, "-m", "fairseq_mamba.upstream", *args], env)
+    return run([sys.executable, "-m", "fairseq_mamba.fairseq_fixes.upstream", *args], env)
 
 
 @pytest.fixture(scope="module")
@@ -286,9 +286,9 @@ def test_skipped_lines_get_no_frames_so_labels_stay_line_aligned(skipped_feature
 
 
 def test_kmeans_and_label_dump_check_their_inputs(skipped_features, tmp_path, monkeypatch):
-    """The checks fairseq_mamba.upstream runs before learn_kmeans / dump_km_label (in-process: the
+    """The checks fairseq_mamba.fairseq_fixes.upstream runs before learn_kmeans / dump_km_label (in-process: the
     wrapper's command-line path is exercised by the feature-dump tests)."""
-    from fairseq_mamba.upstream import patch_input_checks, simple_kmeans_dir
+    from fairseq_mamba.fairseq_fixes.upstream import patch_input_checks, simple_kmeans_dir
 
     monkeypatch.syspath_prepend(simple_kmeans_dir())
     _, work = skipped_features
@@ -309,7 +309,7 @@ def test_kmeans_and_label_dump_check_their_inputs(skipped_features, tmp_path, mo
 
 
 def test_a_shard_of_only_bad_lines_has_no_feature_size():
-    from fairseq_mamba.upstream import _BadPath, _SkippingReader
+    from fairseq_mamba.fairseq_fixes.upstream import _BadPath, _SkippingReader
 
     reader = _SkippingReader(SimpleNamespace(get_feats=None), lambda: iter([(_BadPath("a.wav"), 9)]))
     with pytest.raises(DataError, match=r"every line of this shard is bad \(e.g. a.wav\)"):

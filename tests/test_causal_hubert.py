@@ -6,7 +6,7 @@ from fairseq.models.hubert.hubert import HubertModel
 from fairseq_mamba.models.causal_hubert import CausalHubertConfig, CausalHubertModel
 from fairseq_mamba.modules import CausalTransformerLayer
 from fairseq_mamba.modules.causal_attention import causal_mask
-from fairseq_mamba.streaming import StreamingEncoder
+from fairseq_mamba.inference.streaming import StreamingEncoder
 from test_mamba_hubert_model import build
 from test_streaming import CHUNKINGS, SAMPLES, TOL, full_pass, stream
 

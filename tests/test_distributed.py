@@ -10,7 +10,7 @@ What works: start one fairseq-hydra-train per rank ourselves with an explicit
 ``distributed_init_method=tcp://...``, ``distributed_rank=R`` and ``distributed_no_spawn=true``
 (then ``call_main`` goes straight to ``distributed_init`` -> ``init_process_group``), plus
 ``common.cpu=true distributed_training.distributed_backend=gloo``, through
-``python -m fairseq_mamba.upstream fairseq-hydra-train`` whose CPU ``all_gather_list`` replaces
+``python -m fairseq_mamba.fairseq_fixes.upstream fairseq-hydra-train`` whose CPU ``all_gather_list`` replaces
 fairseq's (that one allocates ``torch.cuda.ByteTensor``).
 """
 import socket
@@ -34,7 +34,7 @@ def test_mamba_hubert_two_cpu_processes_gloo(tmp_path):
     out = tmp_path / "run"
     port = free_port()
     cmd = [
-        sys.executable, "-m", "fairseq_mamba.upstream", "fairseq-hydra-train",
+        sys.executable, "-m", "fairseq_mamba.fairseq_fixes.upstream", "fairseq-hydra-train",
         "--config-dir", "examples/pretrain", "--config-name", "mamba_hubert_tiny_cpu",
         f"task.data={data}", f"task.label_dir={data}", "common.user_dir=fairseq_mamba",
         f"hydra.run.dir={out}", "common.cpu=true", "common.log_interval=1",

@@ -169,7 +169,7 @@ def test_bad_streams_name_the_file_line_and_fix(corpus, tmp_path):
 
 
 def test_bad_manifest_and_audio_are_refused_up_front(corpus, tmp_path):
-    """read_manifest runs fairseq_mamba.data_checks on every file before any model work."""
+    """read_manifest runs fairseq_mamba.checks.data_checks on every file before any model work."""
     root, utts = corpus
     bad = tmp_path / "bad.tsv"
     bad.write_text(f"{root}\nwav/train0.wav\t{utts[0].n_samples}\nwav/train1.wav\n")

@@ -1,12 +1,12 @@
-"""The letter n-gram LM (fairseq_mamba.ngram_lm) and the LM beam search (fairseq_mamba.lm_decoder)."""
+"""The letter n-gram LM (fairseq_mamba.decoding.ngram_lm) and the LM beam search (fairseq_mamba.decoding.lm_decoder)."""
 import math
 
 import pytest
 import torch
 
-from fairseq_mamba.decode import ctc_best_path, decode, letters_to_words
-from fairseq_mamba.lm_decoder import LetterLMDecoder, grid
-from fairseq_mamba.ngram_lm import BOS, EOS, UNK, estimate, main, read_sentences, write_arpa
+from fairseq_mamba.decoding.decode import ctc_best_path, decode, letters_to_words
+from fairseq_mamba.decoding.lm_decoder import LetterLMDecoder, grid
+from fairseq_mamba.decoding.ngram_lm import BOS, EOS, UNK, estimate, main, read_sentences, write_arpa
 
 SENTENCES = [s.split() for s in ("THE CAT SAT", "THE CAT RAN", "A DOG SAT ON THE CAT", "THE DOG", "A CAT")]
 

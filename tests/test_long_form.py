@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from fairseq.data import Dictionary
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
-from fairseq_mamba import encode_long
-from fairseq_mamba.long_form import conv_geometry, group_norm_affine, iter_layer_features, num_frames
+from fairseq_mamba.inference import encode_long
+from fairseq_mamba.inference.long_form import conv_geometry, group_norm_affine, iter_layer_features, num_frames
 from fairseq_mamba.modules import BIMAMBA_TYPES, MambaEncoderLayer, build_mixer_cls
 from test_mamba_hubert_model import SMALL, build
 
@@ -126,7 +126,7 @@ def test_cli_module_on_a_config_shows_progress_and_writes_every_layer(tmp_path):
     wav = 0.3 * np.random.default_rng(0).standard_normal(16000 * 3).astype(np.float32)
     sf.write(tmp_path / "a.flac", wav, 16000)
     config = REPO / "examples/pretrain/mamba_hubert_tiny_cpu.yaml"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_mamba.encode_long", str(config),
+    proc = subprocess.run([sys.executable, "-m", "fairseq_mamba.inference.encode_long", str(config),
                            str(tmp_path / "a.flac"), str(tmp_path / "out"), "--threads", "1"],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

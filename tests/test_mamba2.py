@@ -7,10 +7,10 @@ import torch
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 
 from fairseq_mamba import ops
-from fairseq_mamba.long_form import encode_long
+from fairseq_mamba.inference.long_form import encode_long
 from fairseq_mamba.models.mamba_hubert import MambaHubertConfig, MambaHubertModel
 from fairseq_mamba.modules import BIMAMBA_TYPES, ExternalBiMamba2, Mamba2, build_mixer_cls
-from fairseq_mamba.streaming import StreamingEncoder
+from fairseq_mamba.inference.streaming import StreamingEncoder
 from test_mamba_hubert_model import assert_padded_batch_equals_solo, build, model_from_yaml
 from test_mamba_layer import DIM, MIXERS
 from test_mamba_layer import make_layer as mamba_layer

@@ -1,5 +1,5 @@
 """Pipeline stages on a few generated utterances: fairseq's own HuBERT scripts through
-fairseq_mamba.upstream, the run_scripts stages, hubert_ctc on our checkpoint, decode maths,
+fairseq_mamba.fairseq_fixes.upstream, the run_scripts stages, hubert_ctc on our checkpoint, decode maths,
 and one end-to-end chain (01 -> 08) at the smallest size."""
 import json
 import subprocess
@@ -108,7 +108,7 @@ def test_kmeans_and_labels(work):
 
 def test_torchaudio_shims():
     code = (
-        "from fairseq_mamba import upstream; ta = upstream.patch_torchaudio();"
+        "from fairseq_mamba.fairseq_fixes import upstream; ta = upstream.patch_torchaudio();"
         "import torch, torchaudio.compliance.kaldi as k, torchaudio.sox_effects as sx;"
         "print(k.mfcc(torch.randn(1, 16000), use_energy=False).shape);"
         "from fairseq.data.audio.audio_utils import convert_waveform\n"
@@ -169,7 +169,7 @@ def test_user_dir_import_fixes_hubert_ctc_once():
         "from fairseq.models.hubert import hubert_asr\n"
         "before = R['hubert_ctc']\n"
         "import fairseq_mamba\n"
-        "from fairseq_mamba.upstream import patch_hubert_ctc\n"
+        "from fairseq_mamba.fairseq_fixes.upstream import patch_hubert_ctc\n"
         "fixed = R['hubert_ctc']\n"
         "print('field before', 'autoregressive' in {f.name for f in fields(before)})\n"
         "print('fixed', fixed is not before, fixed().autoregressive, getattr(hubert_asr.HubertCtc, '__dataclass') is fixed)\n"
@@ -183,7 +183,7 @@ def test_user_dir_import_fixes_hubert_ctc_once():
 
 
 def test_decode_maths():
-    from fairseq_mamba.decode import ctc_best_path, edit_distance, error_rates, letters_to_words
+    from fairseq_mamba.decoding.decode import ctc_best_path, edit_distance, error_rates, letters_to_words
 
     assert ctc_best_path([0, 5, 5, 0, 5, 6, 6, 1, 2, 0], blank=0, drop=(1, 2)) == [5, 5, 6]
     assert letters_to_words(list("AB|C|")) == "AB C"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fairseq_mamba.data_checks import BAD_LINES_ENV, DataError
+from fairseq_mamba.checks.data_checks import BAD_LINES_ENV, DataError
 from fairseq_mamba.prepare import audio, corpus, text
 
 from conftest import REPO, subprocess_env

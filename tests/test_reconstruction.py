@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 import fairseq_mamba  # noqa: F401  (registers the task, model and criterion)
 from fairseq import tasks
-from fairseq_mamba import evaluate_enhancement, noisy_speech
+from fairseq_mamba.inference import evaluate_enhancement
+from fairseq_mamba.tasks import noisy_speech
 from fairseq_mamba.models import hubert_enhancer
 from fairseq_mamba.analysis import layer_features as lf
 from fairseq_mamba.criterions.spectral_reconstruction import SpectralReconstructionCriterion, log_spectral_distance

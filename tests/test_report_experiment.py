@@ -29,8 +29,8 @@ def lay_out_run(w):
              "std": {"layer0": [0.02, 0.03, 0.05, 0.04], "mfcc": [0.1, 0.1, 0.1, 0.1]}}
     mi = {"models": {"mamba_hubert": curve, "mamba_hubert_conformer": {**curve, "encoder_layers": 2, "head_layers": 1},
                      "mamba_hubert_recon": curve}}
-    (w / "mi").mkdir()
-    (w / "mi" / "layer_mi.json").write_text(json.dumps(mi))
+    (w / "mi" / "mamba_hubert").mkdir(parents=True)
+    (w / "mi" / "mamba_hubert" / "layer_mi.json").write_text(json.dumps(mi))
     (w / "settings.json").write_text(json.dumps({"FT_UPDATES": 1500, "HEAD": "conformer"}))
 
 

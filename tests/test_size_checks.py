@@ -18,8 +18,8 @@ import torch
 from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask
 import fairseq_mamba  # noqa: F401  (installs the checks)
-from fairseq_mamba.data_checks import BAD_LINES_ENV, DataError
-from fairseq_mamba.size_checks import conv_layers, ctc_min_frames, frames, receptive_field
+from fairseq_mamba.checks.data_checks import BAD_LINES_ENV, DataError
+from fairseq_mamba.checks.size_checks import conv_layers, ctc_min_frames, frames, receptive_field
 
 from conftest import BIN, REPO, write_tiny_dataset
 from test_bad_inputs import run, train

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairseq_mamba.modules import MambaEncoderLayer, build_mixer_cls
-from fairseq_mamba.streaming import StreamingEncoder
+from fairseq_mamba.inference.streaming import StreamingEncoder
 from test_mamba_hubert_model import build
 
 TOL = 1e-5  # fp32, as the issue asks

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fairseq_mamba import data_checks
+from fairseq_mamba.checks import data_checks
 
 TOLERANCE = 2  # frames a stream may be short (or long) of the audio's length before it is an error
 HOP = 160  # samples per 100 Hz frame
@@ -68,7 +68,7 @@ class Utterance:
 
 
 def read_manifest(tsv: str, sample_rate: int = 16000) -> List[Utterance]:
-    """A fairseq manifest's utterances, after :mod:`fairseq_mamba.data_checks` has checked every
+    """A fairseq manifest's utterances, after :mod:`fairseq_mamba.checks.data_checks` has checked every
     audio file (exists, mono, ``sample_rate``, the listed sample count, decodes, finite): a bad
     line is a DataError naming it and the fix, or is dropped under FAIRSEQ_MAMBA_BAD_LINES=skip."""
     manifest = data_checks.read_manifest(tsv)
@@ -179,7 +179,7 @@ def read_labels(path: str, utts: Sequence[Utterance], geometry: FrameGeometry, w
 def mfcc_reader():
     """fairseq's own ``MfccFeatureReader`` (examples/hubert/simple_kmeans/dump_mfcc_feature.py,
     the iteration-1 features: 13 Kaldi MFCC + deltas + delta-deltas, 100 Hz, 25 ms windows)."""
-    from fairseq_mamba.upstream import patch_torchaudio, simple_kmeans_dir
+    from fairseq_mamba.fairseq_fixes.upstream import patch_torchaudio, simple_kmeans_dir
 
     patch_torchaudio()
     if simple_kmeans_dir() not in sys.path:
@@ -199,7 +199,7 @@ def read_mfcc(utts: Sequence[Utterance], geometry: FrameGeometry) -> List[np.nda
 def kmeans_units(km_path: str, mfcc: Sequence[np.ndarray]) -> List[np.ndarray]:
     """Per utterance (n,) int64 k-means units of (n, 39) MFCC rows, with fairseq's own
     ``ApplyKmeans`` (dump_km_label.py) and a k-means model from learn_kmeans.py on MFCC."""
-    from fairseq_mamba.upstream import simple_kmeans_dir
+    from fairseq_mamba.fairseq_fixes.upstream import simple_kmeans_dir
 
     if not os.path.isfile(km_path):
         raise ValueError(f"k-means model {km_path} does not exist (make it with run_scripts/03_kmeans.sh)")
@@ -218,7 +218,7 @@ def read_audio(utt: Utterance, normalize: bool) -> Tensor:
     """(S,) float waveform as fairseq's HuBERT dataset reads it (layer-normed if the task says so).
     The file was checked by :func:`read_manifest`."""
     from fairseq.data.audio.audio_utils import get_features_or_waveform
-    from fairseq_mamba.upstream import patch_torchaudio
+    from fairseq_mamba.fairseq_fixes.upstream import patch_torchaudio
 
     patch_torchaudio()  # fairseq's reader imports torchaudio.sox_effects
     wav = torch.from_numpy(get_features_or_waveform(utt.path, need_waveform=True, use_sample_rate=16000)).float()

@@ -31,7 +31,7 @@ from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
 from fairseq.modules.conformer_layer import ConformerWav2Vec2EncoderLayer
 
 from fairseq_mamba.modules.mamba_layer import MambaEncoderLayer, build_mixer_cls
-from fairseq_mamba.upstream import patch_hubert_ctc
+from fairseq_mamba.fairseq_fixes.upstream import patch_hubert_ctc
 
 patch_hubert_ctc()  # HubertCtcConfig with fairseq 0.12's missing `autoregressive` field
 from fairseq.models import MODEL_DATACLASS_REGISTRY  # noqa: E402

@@ -32,7 +32,7 @@ from typing import Dict, List
 import soundfile as sf
 from tqdm import tqdm
 
-from fairseq_mamba.data_checks import BAD_LINES_ENV, DataError, Problem, settle
+from fairseq_mamba.checks.data_checks import BAD_LINES_ENV, DataError, Problem, settle
 from fairseq_mamba.prepare import audio, layouts, split as splitting, text
 
 logger = logging.getLogger("fairseq_mamba.prepare")

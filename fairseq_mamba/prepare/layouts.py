@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from fairseq_mamba.data_checks import DataError, Problem
+from fairseq_mamba.checks.data_checks import DataError, Problem
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
                     ".w64", ".rf64", ".caf", ".sph"}  # what libsndfile (soundfile) reads

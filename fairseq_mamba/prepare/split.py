@@ -12,7 +12,7 @@ import os
 import random
 from typing import Dict, List, Sequence, Tuple
 
-from fairseq_mamba.data_checks import Problem
+from fairseq_mamba.checks.data_checks import Problem
 
 SPLITS = ("train", "valid", "test")
 

@@ -2,7 +2,7 @@
 reconstruction task, beside the ASR fine-tuning).
 
 Reads the same fairseq manifests as every other stage (``{data}/{split}.tsv``) and mixes each
-utterance with generated noise at the stated SNRs (:mod:`fairseq_mamba.noisy_speech`: white,
+utterance with generated noise at the stated SNRs (:mod:`fairseq_mamba.tasks.noisy_speech`: white,
 pink or babble, deterministic per (``noise_seed``, epoch, utterance)). Splits whose name starts
 with ``train`` draw new noise every epoch; every other split (valid, test) is one fixed noisy
 set. The model (``hubert_enhancer``) and criterion (``spectral_reconstruction``) turn the
@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
-from fairseq_mamba.noisy_speech import NOISE_TYPES, NoisySpeechDataset
+from fairseq_mamba.tasks.noisy_speech import NOISE_TYPES, NoisySpeechDataset
 
 logger = logging.getLogger(__name__)
 

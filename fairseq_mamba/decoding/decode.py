@@ -1,6 +1,6 @@
 """CTC decoding of a fine-tuned ``hubert_ctc`` checkpoint, with WER and CER: Viterbi, and with a letter LM.
 
-    python -m fairseq_mamba.decode FT_CKPT MANIFEST_DIR SPLIT OUT_DIR [--lm LM.arpa [--tune-split valid]]
+    python -m fairseq_mamba.decoding.decode FT_CKPT MANIFEST_DIR SPLIT OUT_DIR [--lm LM.arpa [--tune-split valid]]
 
 What it does (and why it is not fairseq's ``examples/speech_recognition/new/infer.py``):
 infer.py's ``viterbi`` decoder is ``W2lViterbiDecoder``, which imports flashlight's sequence
@@ -19,7 +19,7 @@ argmax, so this script
    CER = character edit distance (spaces included) / reference characters, both in percent,
    summed over the corpus.
 
-With ``--lm`` (an ARPA letter n-gram, ``fairseq_mamba.ngram_lm``) it also beam-searches with that
+With ``--lm`` (an ARPA letter n-gram, ``fairseq_mamba.decoding.ngram_lm``) it also beam-searches with that
 LM (``lm_decoder.LetterLMDecoder``): LM weight and word-boundary score are chosen on
 ``--tune-split`` (lowest WER over the ``--lm-weights`` x ``--sil-scores`` grid; the split decoded
 is never used to choose), then SPLIT is decoded once with them.
@@ -200,7 +200,7 @@ def main(argv=None):
     p.add_argument("data", help="manifest dir: SPLIT.tsv, SPLIT.wrd or .ltr, dict.ltr.txt")
     p.add_argument("split")
     p.add_argument("out_dir")
-    p.add_argument("--lm", help="ARPA letter n-gram (python -m fairseq_mamba.ngram_lm train.ltr LM.arpa --order 6)")
+    p.add_argument("--lm", help="ARPA letter n-gram (python -m fairseq_mamba.decoding.ngram_lm train.ltr LM.arpa --order 6)")
     p.add_argument("--tune-split", default="valid", help="split that chooses the LM weight and word score")
     p.add_argument("--lm-weights", type=floats, default=(0.5, 1.0, 1.5, 2.0, 3.0))
     p.add_argument("--sil-scores", type=floats, default=(-1.0, 0.0, 1.0))

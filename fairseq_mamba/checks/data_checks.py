@@ -28,7 +28,7 @@ Design:
   task used by pre-training, both models, and by ``hubert_ctc`` fine-tuning): the split is
   checked before fairseq builds its dataset, skipped lines are dropped from that dataset, and
   reading a file that changed since the check raises a ``DataError`` naming it instead of a
-  data-loader traceback. ``fairseq_mamba.upstream`` checks the manifest lines of a feature-dump
+  data-loader traceback. ``fairseq_mamba.fairseq_fixes.upstream`` checks the manifest lines of a feature-dump
   shard before fairseq's ``simple_kmeans`` script starts.
 """
 import functools
@@ -305,7 +305,7 @@ def check_task_split(cfg, split: str):
         problems += check_labels(manifest, os.path.join(label_dir, f"{split}.{label}"),
                                  os.path.join(label_dir, f"dict.{label}.txt"), cfg.label_rate,
                                  cfg.sample_rate)
-    from fairseq_mamba.size_checks import task_problems  # (size_checks imports this module)
+    from fairseq_mamba.checks.size_checks import task_problems  # (size_checks imports this module)
     problems += task_problems(manifest, cfg)
     return manifest, settle(sorted(problems, key=lambda p: p.line), manifest.path)
 

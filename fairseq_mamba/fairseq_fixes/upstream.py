@@ -2,18 +2,18 @@
 
 Usage::
 
-    python -m fairseq_mamba.upstream <script> args...
+    python -m fairseq_mamba.fairseq_fixes.upstream <script> args...
     # e.g.
-    python -m fairseq_mamba.upstream dump_mfcc_feature <tsv_dir> train 1 0 <feat_dir>
-    python -m fairseq_mamba.upstream learn_kmeans <feat_dir> train 1 <km_path> 100 --percent -1
-    python -m fairseq_mamba.upstream dump_km_label <feat_dir> train <km_path> 1 0 <lab_dir>
-    python -m fairseq_mamba.upstream dump_hubert_feature <tsv_dir> train <ckpt> <layer> 1 0 <feat_dir>
+    python -m fairseq_mamba.fairseq_fixes.upstream dump_mfcc_feature <tsv_dir> train 1 0 <feat_dir>
+    python -m fairseq_mamba.fairseq_fixes.upstream learn_kmeans <feat_dir> train 1 <km_path> 100 --percent -1
+    python -m fairseq_mamba.fairseq_fixes.upstream dump_km_label <feat_dir> train <km_path> 1 0 <lab_dir>
+    python -m fairseq_mamba.fairseq_fixes.upstream dump_hubert_feature <tsv_dir> train <ckpt> <layer> 1 0 <feat_dir>
 
 ``<script>`` names a file in ``fairseq/examples/hubert/simple_kmeans/`` of the *installed* fairseq
 (no copies live in this repository).  It is run with :func:`runpy.run_path` as ``__main__``, with
 its directory first on ``sys.path`` (the scripts ``from feature_utils import ...``) and
 ``sys.argv`` set to ``[script_path, *args]``.  ``<script>`` may also be ``fairseq-hydra-train``
-(``python -m fairseq_mamba.upstream fairseq-hydra-train --config-dir ... ``), which runs
+(``python -m fairseq_mamba.fairseq_fixes.upstream fairseq-hydra-train --config-dir ... ``), which runs
 fairseq's ``fairseq_cli.hydra_train.cli_main`` with the same fixes (fine-tuning needs fix 4).
 Before that, these fixes are applied:
 
@@ -56,7 +56,7 @@ Before that, these fixes are applied:
    (so ``load_model_ensemble_and_task`` can rebuild a mamba_hubert checkpoint) and adds fairseq's
    config classes to torch's ``weights_only`` allow-list (torch >= 2.6 default).
 
-7. **Inputs are checked before a script does any work** (``fairseq_mamba.data_checks``): the
+7. **Inputs are checked before a script does any work** (``fairseq_mamba.checks.data_checks``): the
    feature dumps check the audio of their shard's manifest lines (``get_path_iterator`` is
    wrapped), ``learn_kmeans`` and ``dump_km_label`` the feature shards they read (and the k-means
    model's dimension). A bad line stops the script with one ``DataError`` naming the file, the
@@ -70,7 +70,7 @@ import runpy
 import sys
 import types
 
-from fairseq_mamba import data_checks
+from fairseq_mamba.checks import data_checks
 
 SOX_HELP = (
     "fairseq asked torchaudio.sox_effects to {what}, but sox effects are not available in this "

@@ -1,6 +1,6 @@
 """Score a ``hubert_enhancer`` checkpoint on one split: log-spectral distance to the clean speech.
 
-    python -m fairseq_mamba.evaluate_enhancement CHECKPOINT MANIFEST_DIR [--split test] [--out test.json]
+    python -m fairseq_mamba.inference.evaluate_enhancement CHECKPOINT MANIFEST_DIR [--split test] [--out test.json]
 
 Every utterance of ``MANIFEST_DIR/{split}.tsv`` is mixed with its fixed noise (the task's
 ``noise_seed``, SNRs and noise types saved in the checkpoint) and enhanced whole, one utterance
@@ -72,7 +72,7 @@ def evaluate(model, dataset) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    p = argparse.ArgumentParser(prog="python -m fairseq_mamba.evaluate_enhancement", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fairseq_mamba.inference.evaluate_enhancement", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("data", help="directory with fairseq manifests {split}.tsv")
     p.add_argument("--split", default="test")

@@ -1,6 +1,6 @@
 """Encode one long audio file to per-layer features in bounded memory.
 
-    python -m fairseq_mamba.encode_long MODEL AUDIO OUT_DIR [--layers 6 12 | all]
+    python -m fairseq_mamba.inference.encode_long MODEL AUDIO OUT_DIR [--layers 6 12 | all]
         [--chunk-frames 500] [--threads 1] [--seed 0] [--no-progress]
 
 MODEL   a fairseq checkpoint (.pt) of ``mamba_hubert`` (any ``bimamba_type``) or stock ``hubert``,
@@ -11,7 +11,7 @@ OUT_DIR gets ``layer{k}.npy`` (frames, dim) float32 for every layer asked for (d
         each equal to ``model.extract_features(wav, output_layer=k)`` of a one-pass encoding,
         and ``info.json`` (frames, frame rate, seconds).
 
-How it stays bounded: see ``fairseq_mamba.long_form``. With a stock hubert model the encoder's
+How it stays bounded: see ``fairseq_mamba.inference.long_form``. With a stock hubert model the encoder's
 self-attention still runs over the whole sequence (time quadratic in the length).
 """
 import argparse
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from fairseq_mamba.long_form import conv_geometry, iter_layer_features
+from fairseq_mamba.inference.long_form import conv_geometry, iter_layer_features
 
 
 def build_from_config(path, seed, **overrides):

@@ -27,8 +27,8 @@ import functools
 import logging
 from typing import List, Optional, Sequence, Tuple
 
-from fairseq_mamba import data_checks
-from fairseq_mamba.data_checks import Manifest, Problem
+from fairseq_mamba.checks import data_checks
+from fairseq_mamba.checks.data_checks import Manifest, Problem
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """An n-gram LM in ARPA format, estimated from transcripts, for LM decoding (stage 08).
 
-    python -m fairseq_mamba.ngram_lm TRAIN.ltr OUT.arpa [--order 3] [--discount 0.75]
+    python -m fairseq_mamba.decoding.ngram_lm TRAIN.ltr OUT.arpa [--order 3] [--discount 0.75]
 
 Tokens are whatever the lines hold, split at whitespace: the letters and ``|`` of a ``.ltr`` file
 (a letter LM, as stage 08 uses, order 6) or the words of a ``.wrd`` file.

@@ -1,7 +1,7 @@
 """CTC beam search with a letter n-gram LM (flashlight's lexicon-free decoder), for ``decode.py``.
 
 The fine-tuned model's CTC outputs are letters with ``|`` between words.  An n-gram LM over those
-same tokens (``python -m fairseq_mamba.ngram_lm train.ltr LM.arpa --order 6``) scores every
+same tokens (``python -m fairseq_mamba.decoding.ngram_lm train.ltr LM.arpa --order 6``) scores every
 hypothesis as the beam grows, so spellings follow the training text while any word can still be
 spelled.  No lexicon on purpose: 24% of the bundled test split's word tokens never occur in train,
 and a lexicon decoder can never output them.

@@ -1,0 +1,1 @@
+"""Running trained encoders: exact streaming, long-form encoding, and scoring the enhancement model."""
