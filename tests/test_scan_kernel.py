@@ -2,6 +2,9 @@
 test_selective_scan.py and test_properties.py): saved-state chunk boundaries and the
 fallback to the chunked scan when the build fails."""
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -44,3 +47,17 @@ def test_failed_kernel_build_falls_back_to_chunked(monkeypatch, caplog):
     assert len(warnings) == 1 and "chunked PyTorch scan" in warnings[0].getMessage()
     assert "Error building extension 'x'" in warnings[0].getMessage()
     assert scan_kernel.load_kernel() is None
+
+
+def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "ext" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    assert scan_kernel.clear_stale_build_lock("ext") is False and lock.exists()  # a build under way
+    old = time.time() - scan_kernel.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        assert scan_kernel.clear_stale_build_lock("ext") is True
+    assert not lock.exists() and "did not finish" in caplog.text
+    assert scan_kernel.clear_stale_build_lock("ext") is False  # nothing left to clear

@@ -19,7 +19,9 @@ Why built just in time (``torch.utils.cpp_extension.load``, cached under
 TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) rather than by setup.py: an
 editable install would silently keep a stale .so after the source changes, while
 ``load`` hashes the source and rebuilds. The cold build costs ~25 CPU seconds (about a
-minute of wall time on a loaded 2-core box); run_scripts/setup_env.sh pays it once.
+minute of wall time on a loaded 2-core box); run_scripts/setup_env.sh pays it once. A build
+killed midway leaves torch's lock file, on which every later load would wait forever:
+``clear_stale_build_lock`` removes one older than any build takes.
 Where the build or the load fails, ``load_kernel`` logs one warning and returns None,
 and ``selective_scan`` uses the chunked PyTorch scan. FAIRSEQ_MAMBA_SCAN_KERNEL=0 uses
 the chunked scan without trying.
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ MAX_STATE = 256  # d_state the kernel takes (its register arrays); larger: chunk
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
 CFLAGS = ["-O3", "-fopenmp-simd"]
 
+STALE_LOCK_SECONDS = 600  # a build takes ~25 CPU s; a lock this old belongs to a killed build
 _lock = threading.Lock()
 _ext = None
 _tried = False
@@ -55,6 +59,23 @@ def _cflags():
     cap = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
     return ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + simd, ("avx2" if simd else "base")
+
+
+def clear_stale_build_lock(name):
+    """Remove the build lock a killed build left behind (torch's loader waits on it forever:
+    every later import of the plugin would hang). True when one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:  # no lock: no build under way
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    logger.warning("fairseq_mamba: removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    os.remove(lock)
+    return True
 
 
 def load_kernel():
@@ -69,6 +90,7 @@ def load_kernel():
                 from torch.utils.cpp_extension import load
 
                 cflags, tag = _cflags()
+                clear_stale_build_lock(f"fairseq_mamba_selective_scan_cpu_{tag}")
                 _ext = load(name=f"fairseq_mamba_selective_scan_cpu_{tag}",
                             sources=[str(SOURCE)], extra_cflags=cflags, verbose=False)
             except Exception as exc:  # no compiler / ninja, a build error, a bad .so
