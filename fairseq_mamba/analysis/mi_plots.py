@@ -124,7 +124,7 @@ def plot_checkpoint_curves(curves: Dict[str, List[Tuple[str, Dict]]], targets: S
             ax.set_ylabel("MI (nats)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
-    fig.suptitle("MI per layer of every checkpoint; bracket = rise after the minimum (* = above twice its spread)",
+    fig.suptitle("MI per layer of every checkpoint\nbracket: rise after the minimum (*: above twice its spread)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
