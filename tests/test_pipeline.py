@@ -245,8 +245,8 @@ def test_end_to_end_chain(work, pretrained):
         (w / sub).parent.mkdir(parents=True, exist_ok=True)
         (w / sub).symlink_to(src)
     mi = {"layer0": [3.0, 2.5, 2.0], "mfcc": [0.5, 0.4, 0.3], "units": [0.2, 0.2, 0.1], "phones": [0.3, 0.2, 0.2]}
-    (w / "mi").mkdir()
-    (w / "mi" / "layer_mi.json").write_text(json.dumps({"models": {"mamba_hubert": {**mi, "std": {}}}}))
+    (w / "mi" / "mamba_hubert").mkdir(parents=True)
+    (w / "mi" / "mamba_hubert" / "layer_mi.json").write_text(json.dumps({"models": {"mamba_hubert": {**mi, "std": {}}}}))
     run([PY, "run_scripts/make_report.py", w, "mamba_hubert"])
     r = json.loads((w / "results.json").read_text())["models"]["mamba_hubert"]
     assert (r["wer_test"], r["cer_test"]) == (res["wer"], res["cer"]) and r["mi"] == {**mi, "std": {}}
