@@ -24,7 +24,15 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq
         "  pip install --no-build-isolation fairseq-fixed==0.12.3.1  (Python >= 3.11)"
     ) from err
 
-from .fairseq_fixes.checkpoint_compat import allow_fairseq_checkpoints
+import logging  # noqa: E402
+
+# fairseq's tasks package imports text_to_speech, whose logging.basicConfig(level=DEBUG) sets the root
+# logger to DEBUG: every script would print our kernel dispatch's debug lines. Ours stay at INFO
+# unless a level was set for them.
+if logging.getLogger(__name__).level == logging.NOTSET:
+    logging.getLogger(__name__).setLevel(logging.INFO)
+
+from .fairseq_fixes.checkpoint_compat import allow_fairseq_checkpoints  # noqa: E402
 
 allow_fairseq_checkpoints()
 

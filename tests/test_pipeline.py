@@ -182,6 +182,20 @@ def test_user_dir_import_fixes_hubert_ctc_once():
         assert "fixed True False True" in out and "again False True" in out
 
 
+def test_importing_the_plugin_keeps_its_debug_lines_quiet():
+    """fairseq's tasks import sets the root logger to DEBUG; our loggers stay at INFO (the kernel
+    dispatch's "unavailable" lines are debug), and a level set for them before the import is kept."""
+    code = ("import logging, fairseq_mamba\n"
+            "from fairseq_mamba.ops import dispatch\n"
+            "print('root', logging.getLogger().level, 'ours', logging.getLogger('fairseq_mamba').level)\n")
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert p.returncode == 0 and "root 10 ours 20" in p.stdout, p.stderr[-2000:]
+    assert "DEBUG:fairseq_mamba" not in p.stderr
+    code = "import logging; logging.getLogger('fairseq_mamba').setLevel(logging.DEBUG)\n" + code
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, env=subprocess_env())
+    assert "ours 10" in p.stdout and "DEBUG:fairseq_mamba.ops.dispatch" in p.stderr
+
+
 def test_decode_maths():
     from fairseq_mamba.decoding.decode import ctc_best_path, edit_distance, error_rates, letters_to_words
 
