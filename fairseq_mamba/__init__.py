@@ -27,10 +27,12 @@ except ImportError as err:  # pragma: no cover - exercised only without fairseq
 import logging  # noqa: E402
 
 # fairseq's tasks package imports text_to_speech, whose logging.basicConfig(level=DEBUG) sets the root
-# logger to DEBUG: every script would print our kernel dispatch's debug lines. Ours stay at INFO
-# unless a level was set for them.
-if logging.getLogger(__name__).level == logging.NOTSET:
-    logging.getLogger(__name__).setLevel(logging.INFO)
+# logger to DEBUG: every script would print our kernel dispatch's debug lines, and stage 09's log
+# matplotlib's font search. Those loggers keep a level set for them, else get these.
+for _name, _level in ((__name__, logging.INFO), ("matplotlib", logging.WARNING)):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(_level)
+del _name, _level
 
 from .fairseq_fixes.checkpoint_compat import allow_fairseq_checkpoints  # noqa: E402
 

@@ -161,7 +161,8 @@ def curve_checkpoints(results, m):
 
 def mi_markdown(work, results, models):
     """The report's MI section: every checkpoint's curves, and where a curve rises again."""
-    rows = [(m, label, mi) for m in models for label, mi in curve_checkpoints(results, m)]
+    curves = {m: c for m in models if (c := curve_checkpoints(results, m))}
+    rows = [(m, label, mi) for m, c in curves.items() for label, mi in c]
     if not rows:
         return []
     lines = ["## Mutual information per layer (stage 09, test split)", "",
@@ -169,8 +170,7 @@ def mi_markdown(work, results, models):
              "`mi/<model>/layer_mi.csv`; estimators and how to read the curves: README, \"Mutual-information analysis\". "
              "*Rises again*: the curve's last layer exceeds its minimum by more than twice the larger spread of the "
              "two (spread = the 2 repeats' std).", ""]
-    plot_checkpoint_curves({m: curve_checkpoints(results, m) for m in models if curve_checkpoints(results, m)},
-                           MI_TARGETS, os.path.join(work, "mi", "checkpoint_mi.png"))
+    plot_checkpoint_curves(curves, MI_TARGETS, os.path.join(work, "mi", "checkpoint_mi.png"))
     lines += ["![MI per layer, model by model](mi/checkpoint_mi.png)", ""]
     lines += ["| model | checkpoint | target | per layer | rises again? |", "|---|---|---|---|---|"]
     for m, label, mi in rows:

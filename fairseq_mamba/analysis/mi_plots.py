@@ -3,12 +3,7 @@ the same axes) and :func:`plot_checkpoint_curves` (the demo's report, model by m
 rises again marked by :func:`rise_again`)."""
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Optional, Sequence, Tuple
-
-# importing fairseq's tasks sets the root logger to DEBUG (its text_to_speech module's basicConfig):
-# matplotlib's font search would fill a stage log with hundreds of lines
-logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 TITLES = {
     "layer0": "I(layer k; layer-0 code c0)  [reconstruction view]",
