@@ -25,8 +25,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_mamba", "fairseq_mamba.*"]),
-    # ops/csrc: the CPU scan kernel's source, compiled at first use (fairseq_mamba/ops/scan_kernel.py).
-    package_data={"fairseq_mamba": ["config/**/*.yaml", "ops/csrc/*.cpp"]},
+    # ops/csrc: the CPU kernels' sources (scan, causal conv), compiled at first use (ops/scan_kernel.py).
+    package_data={"fairseq_mamba": ["config/**/*.yaml", "ops/csrc/*.cpp", "ops/csrc/*.h"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -1,9 +1,26 @@
-"""causal_conv1d (F.conv1d path / CUDA kernel) vs causal_conv1d_reference."""
+"""causal_conv1d (CPU kernel / F.conv1d fallback / CUDA kernel) vs causal_conv1d_reference."""
+
+import importlib
 
 import pytest
 import torch
 
-from fairseq_mamba.ops import HAS_CUDA_CONV, causal_conv1d, causal_conv1d_reference
+from fairseq_mamba.ops import HAS_CUDA_CONV, causal_conv1d, causal_conv1d_reference, scan_kernel
+
+conv_module = importlib.import_module("fairseq_mamba.ops.causal_conv1d")
+both_impls = pytest.mark.usefixtures("impl")
+
+
+@pytest.fixture(params=["kernel", "F.conv1d"])
+def impl(request, monkeypatch):
+    """causal_conv1d's CPU path: the compiled kernel, or (patched) the F.conv1d fallback."""
+    if request.param == "F.conv1d":
+        monkeypatch.setattr(conv_module, "conv_kernel_applies", lambda *args: False)
+    elif scan_kernel.load_kernel() is None:
+        if scan_kernel.os.environ.get("FAIRSEQ_MAMBA_SCAN_KERNEL") == "0":
+            pytest.skip("FAIRSEQ_MAMBA_SCAN_KERNEL=0: the CPU kernels are switched off")
+        pytest.fail("the CPU kernels did not build (see the logged warning)")
+    return request.param
 
 
 def make(batch=2, dim=5, length=17, width=4, dtype=torch.float32, seed=0, device="cpu"):
@@ -23,10 +40,11 @@ def test_reference_by_hand():
     torch.testing.assert_close(out, expected)
 
 
+@both_impls
 @pytest.mark.parametrize("activation", [None, "silu", "swish"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
-@pytest.mark.parametrize("length", [1, 3, 64])
+@pytest.mark.parametrize("length", [0, 1, 2, 3, 7, 64])
 def test_matches_reference(length, width, with_bias, activation):
     x, w, b = make(length=length, width=width)
     b = b if with_bias else None
@@ -67,14 +85,55 @@ def test_final_states_of_short_input_keep_old_frames():
     torch.testing.assert_close(final, torch.cat([init[..., 1:], x], -1))
 
 
+@both_impls
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(dtype):
+    """Outputs and gradients in the input's dtype, computed in fp32 (fp64 for fp64)."""
     x, w, b = make(dtype=dtype)
     out = causal_conv1d(x, w, b, "silu")
     ref = causal_conv1d_reference(x, w, b, "silu")
     assert out.dtype == ref.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 2e-2
     torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), (x, w, b))
+    ref_grads = torch.autograd.grad((ref * go).sum(), (x, w, b))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r.double(), rtol=tol, atol=tol * 10)
+
+
+@both_impls
+@pytest.mark.parametrize("layout", ["channel-major", "half of xz", "time-strided"])
+def test_strided_inputs(layout):
+    """Inputs as the mixer hands them over (one half of a "d (b l)" projection, or any
+    view): the same values and gradients as the contiguous input."""
+    x, w, b = (t.detach() for t in make(batch=3, dim=5, length=19))
+    if layout == "channel-major":
+        xs = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "half of xz":
+        xs = torch.cat([x, torch.randn_like(x)], 1).transpose(0, 1).contiguous().transpose(0, 1)[:, :5]
+    else:
+        xs = torch.stack([x, x], -1)[..., 0]  # time stride 2: copied for the kernel
+    assert torch.equal(xs, x)
+    xs.requires_grad_()
+    out = causal_conv1d(xs, w, b, "silu")
+    torch.testing.assert_close(out, causal_conv1d_reference(x, w, b, "silu"), rtol=1e-5, atol=1e-6)
+    go = torch.randn_like(out)
+    (dx,) = torch.autograd.grad((out * go).sum(), xs)
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((causal_conv1d_reference(xr, w, b, "silu") * go).sum(), xr)
+    torch.testing.assert_close(dx, ref, rtol=1e-5, atol=1e-5)
+
+
+@both_impls
+def test_batch_rows_are_independent():
+    """A batch gives each row what that row gives alone (no frames leak between rows)."""
+    x, w, b = (t.detach() for t in make(batch=4, length=23))
+    out = causal_conv1d(x, w, b, "silu")
+    for i in range(4):
+        torch.testing.assert_close(out[i:i + 1], causal_conv1d(x[i:i + 1], w, b, "silu"),
+                                   rtol=0, atol=0)
 
 
 BAD = [

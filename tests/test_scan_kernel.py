@@ -61,3 +61,23 @@ def test_a_killed_builds_lock_is_cleared_and_a_live_one_kept(monkeypatch, tmp_pa
         assert scan_kernel.clear_stale_build_lock("ext") is True
     assert not lock.exists() and "did not finish" in caplog.text
     assert scan_kernel.clear_stale_build_lock("ext") is False  # nothing left to clear
+
+
+def _channel_major(t):
+    """The same values as a (b, d, l) view of (d, b, l) memory, as the mixer passes them."""
+    return t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+
+
+@pytest.mark.parametrize("softplus", [False, True])
+def test_kernel_reads_channel_major_rows(softplus):
+    """u, delta, z as views of "d (b l)" memory (z one half of a (b, 2d, l) projection):
+    read in place, same outputs and gradients as contiguous inputs."""
+    x = make_inputs(batch=3, length=37, dtype=torch.float64)
+    if not softplus:
+        x["delta"] = x["delta"].detach().exp().requires_grad_()
+    strided = dict(x, u=_channel_major(x["u"]), delta=_channel_major(x["delta"]))
+    xz = torch.cat([x["z"].detach(), torch.randn_like(x["z"])], 1)
+    strided["z"] = xz.transpose(0, 1).contiguous().transpose(0, 1)[:, :6].requires_grad_()
+    assert scan_kernel._rows(strided["z"], torch.float64) is strided["z"]  # no copy
+    assert_same(strided, selective_scan, selective_scan_reference, RTOL[torch.float64],
+                softplus=softplus)

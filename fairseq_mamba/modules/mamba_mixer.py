@@ -50,6 +50,33 @@ def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> 
     return x.gather(dim, index.view(shape).expand_as(x))
 
 
+def channel_major(t: torch.Tensor) -> torch.Tensor:
+    """(batch, ch, length) -> (ch, batch * length): a view where t is already a view of such
+    memory (what the helpers below return), else a copy."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def linear_to_channels(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``linear(hidden).transpose(1, 2)``: hidden (batch, length, in) -> (batch, out, length),
+    as a view of (out, batch * length) memory.
+
+    mamba-ssm's ``W @ rearrange(hidden, "b l d -> d (b l)")``: one matmul, and each channel's
+    steps contiguous, the layout the conv and scan kernels read without a copy (the
+    transposed view of ``linear(hidden)`` would be copied by each of them).
+    """
+    batch, length, _ = hidden.shape
+    out = (linear.weight @ hidden.reshape(batch * length, -1).t()).view(-1, batch, length)
+    out = out.transpose(0, 1)
+    return out if linear.bias is None else out + linear.bias[:, None]
+
+
+def linear_from_channels(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
+    """``linear(y.transpose(1, 2))``: y (batch, ch, length) -> (batch, length, out), without a
+    copy where y is channel-major (the matmul reads the transposed view as it is)."""
+    batch, _, length = y.shape
+    return linear(channel_major(y).t()).view(batch, length, -1)
+
+
 def time_chunks(length: int, chunk: int):
     """[slice(0, chunk), slice(chunk, 2 * chunk), ...] covering ``range(length)``."""
     if chunk < 1:
@@ -136,17 +163,19 @@ class SelectiveSSM(nn.Module):
         return y, (conv_state, ssm_state)
 
     def _delta_b_c(self, x):
-        """Conv output x (batch, d_inner, length) -> Δ before bias (batch, d_inner, length), B, C."""
-        x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (batch, length, r + 2n)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, length)
-        return dt, B, C
+        """Conv output x (batch, d_inner, length) -> Δ before bias (batch, d_inner, length)
+        and B, C (batch, d_state, length), as views of channel-major memory (mamba-ssm's
+        ``x_proj(rearrange(x, "b d l -> (b l) d"))`` without the copy)."""
+        batch, _, length = x.shape
+        x_dbl = self.x_proj.weight @ channel_major(x)  # (r + 2n, batch * length)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=0)
+        return [t.view(-1, batch, length).transpose(0, 1)
+                for t in (self.dt_proj.weight @ dt, B, C)]
 
     def _scan(self, x, z, dt, B, C, **state_args):
         A = -torch.exp(self.A_log.float())
         return ops.selective_scan(
-            # B, C as (batch, d_state, length) views: each scan path lays them out as it needs.
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+            x, dt, A, B, C, self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True, **state_args,
         )
 
@@ -194,7 +223,7 @@ class Mamba(nn.Module):
         valid = None if padding_mask is None else ~padding_mask
         if valid is not None:
             hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
-        xz = self.in_proj(hidden).transpose(1, 2)  # (batch, 2 * d_inner, length)
+        xz = linear_to_channels(self.in_proj, hidden)  # (batch, 2 * d_inner, length)
         fused = ops.kernel_for("mamba_inner", xz) if self.directions == ("forward",) else None
         if fused is not None:
             return self._fused_forward(fused, xz)
@@ -206,8 +235,7 @@ class Mamba(nn.Module):
             else:
                 x, z = reverse_within_lengths(xz, lengths, dim=2).chunk(2, dim=1)
                 y = y + reverse_within_lengths(ssm(x, z, valid), lengths, dim=2)
-        y = y / len(self.ssms)
-        return self.out_proj(y.transpose(1, 2))
+        return linear_from_channels(self.out_proj, y / len(self.ssms))
 
     def forward_chunk(self, hidden: torch.Tensor, state=None):
         """Streaming step of a causal mixer: the next frames of ``forward`` on the whole stream.
@@ -220,9 +248,9 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"Mamba(directions={self.directions}) reads the future, so it cannot continue a "
                 "stream chunk by chunk; only the causal mixer (bimamba_type=none) can")
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        x, z = linear_to_channels(self.in_proj, hidden).chunk(2, dim=1)
         y, state = self.ssms[0].forward_chunk(x, z, state)
-        return self.out_proj(y.transpose(1, 2)), state
+        return linear_from_channels(self.out_proj, y), state
 
     def forward_long(self, hidden: torch.Tensor, chunk: int, reverse: bool = False):
         """``forward(hidden)`` for one long unpadded sequence, ``chunk`` frames at a time.
@@ -240,7 +268,7 @@ class Mamba(nn.Module):
             state = None
             for span in (reversed(spans) if backwards else spans):
                 h = hidden[:, span].flip(1) if backwards else hidden[:, span]
-                x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+                x, z = linear_to_channels(self.in_proj, h).chunk(2, dim=1)
                 y_span, state = ssm.forward_chunk(x, z, state)
                 y[..., span] += y_span.flip(-1) if backwards else y_span
         out = hidden.new_empty(batch, length, self.d_model)

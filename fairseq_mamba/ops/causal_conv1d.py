@@ -5,7 +5,8 @@ initial_states / final states (batch, dim, width - 1).
 
 ``causal_conv1d`` uses the CUDA kernel of the ``causal-conv1d`` package where
 ``ops.dispatch.kernel_for`` picks it (a GPU, the package importable, no state
-passed, width 2..4), and ``F.conv1d`` otherwise.
+passed, width 2..4), on CPU the compiled kernel of conv_kernel.py (no states passed),
+and ``F.conv1d`` otherwise.
 ``causal_conv1d_reference`` is an explicit loop over the taps, the ground truth
 the fast paths are tested against.
 """
@@ -13,6 +14,7 @@ the fast paths are tested against.
 import torch
 import torch.nn.functional as F
 
+from fairseq_mamba.ops.conv_kernel import KernelCausalConv1d, conv_kernel_applies
 from fairseq_mamba.ops.dispatch import HAS_CUDA_CONV, causal_conv1d_fn, kernel_for
 
 __all__ = ["HAS_CUDA_CONV", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_reference"]
@@ -74,9 +76,12 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
                         stateful=initial_states is not None or return_final_states)
     if kernel is not None:
         return kernel(x, weight, bias, activation=activation)
+    if conv_kernel_applies(x, activation, initial_states is not None or return_final_states):
+        return KernelCausalConv1d.apply(x, weight, bias, activation is not None)
     padded = _pad_left(x, width, initial_states)
     if x.shape[-1] == 0:  # F.conv1d rejects inputs shorter than the kernel
-        out = x.new_empty(x.shape)
+        out = padded[..., :0] * weight[:, :1]  # empty, in the graph: zero gradients
+        out = out if bias is None else out + bias[:, None]
     else:
         out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=x.shape[1])
     return _finish(out, padded, width, activation, return_final_states)

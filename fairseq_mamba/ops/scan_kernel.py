@@ -26,10 +26,12 @@ Where the build or the load fails, ``load_kernel`` logs one warning and returns 
 and ``selective_scan`` uses the chunked PyTorch scan. FAIRSEQ_MAMBA_SCAN_KERNEL=0 uses
 the chunked scan without trying.
 
-Layouts handed to C++: (b, d, l) values and (b, g, l, n) time-major B and C, all
-contiguous in the compute dtype (fp32, or fp64 for fp64 inputs).
+Layouts handed to C++, in the compute dtype (fp32, or fp64 for fp64 inputs): (b, d, l)
+values with contiguous rows and any batch and channel strides (the mixer's channel-major
+projections are read in place), (b, g, l, n) time-major B and C.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -38,14 +40,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 64  # steps between saved states: bounds cost n/CHUNK of the inputs' size
 MAX_STATE = 256  # d_state the kernel takes (its register arrays); larger: chunked scan
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
-CFLAGS = ["-O3", "-fopenmp-simd"]
+CSRC = Path(__file__).with_name("csrc")  # the scan, the causal conv, their bindings
 
 STALE_LOCK_SECONDS = 600  # a build takes ~25 CPU s; a lock this old belongs to a killed build
 _lock = threading.Lock()
@@ -59,6 +59,14 @@ def _cflags():
     cap = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
     return ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + simd, ("avx2" if simd else "base")
+
+
+def _build_name(tag):
+    """The extension's name: the CPU kind and a digest of every csrc file, headers included
+    (torch's loader hashes only the .cpp sources, so a changed header alone would keep a
+    stale build)."""
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir()))).hexdigest()
+    return f"fairseq_mamba_cpu_kernels_{tag}_{digest[:10]}"
 
 
 def clear_stale_build_lock(name):
@@ -90,9 +98,10 @@ def load_kernel():
                 from torch.utils.cpp_extension import load
 
                 cflags, tag = _cflags()
-                clear_stale_build_lock(f"fairseq_mamba_selective_scan_cpu_{tag}")
-                _ext = load(name=f"fairseq_mamba_selective_scan_cpu_{tag}",
-                            sources=[str(SOURCE)], extra_cflags=cflags, verbose=False)
+                name = _build_name(tag)
+                clear_stale_build_lock(name)
+                _ext = load(name=name, sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
+                            extra_cflags=cflags, verbose=False)
             except Exception as exc:  # no compiler / ninja, a build error, a bad .so
                 logger.warning("fairseq_mamba: CPU selective-scan kernel unavailable (%s); "
                                "using the chunked PyTorch scan", str(exc).splitlines()[0])
@@ -108,6 +117,16 @@ def _c(t, ct):
     return None if t is None else t.to(ct).contiguous()
 
 
+def _rows(t, ct):
+    """t (b, d, l) in ct with contiguous rows (one channel's steps), any batch and channel
+    strides, as the kernels read it: a view where it already is (e.g. one half of a
+    channel-major projection), else a contiguous copy."""
+    if t is None:
+        return None
+    t = t.to(ct)
+    return t if t.shape[2] <= 1 or t.stride(2) == 1 else t.contiguous()
+
+
 def _time_major(t, ct):
     """(b, g, n, l) -> contiguous (b, g, l, n) in ct."""
     return t.to(ct).transpose(-1, -2).contiguous()
@@ -117,27 +136,16 @@ def _cast(grad, dtype, needed):
     return grad.to(dtype) if needed and dtype is not None else None
 
 
-def _dt(delta, delta_bias, softplus, ct):
-    """softplus(delta + delta_bias) as a contiguous (b, d, l) tensor in ct: one strided
-    pass from delta (often a transposed view), then softplus."""
-    dt = torch.empty(delta.shape, dtype=ct, device=delta.device)
-    if delta_bias is not None:
-        torch.add(delta, delta_bias.to(ct)[:, None], out=dt)
-    else:
-        dt.copy_(delta)
-    return F.softplus(dt) if softplus else dt
-
-
 class KernelSelectiveScan(torch.autograd.Function):
     """apply(u, delta, A, B, C, D, z, delta_bias, softplus, h0=None, chunk=CHUNK), like
     ChunkedSelectiveScan: B, C grouped (b, g, n, l); h0 (b, d, n) or None; chunk: the
     steps between the states saved for backward.
     Returns (out (b, d, l) in u's dtype, last_state (b, d, n) in the compute dtype).
 
-    dt = softplus(delta + delta_bias) and gate = silu(z) are computed here with
-    torch's vectorised ops (per step, not per state: 1/d_state of the scan's work), and
-    again in backward rather than saved: saved are the inputs, time-major B and C and
-    the chunk-boundary states (n / CHUNK of a (b, d, l) tensor), as in the chunked scan.
+    Everything per step is in the kernel: Δ + bias, softplus, silu(z) and, in backward,
+    their derivatives (computed again there rather than saved). Saved are the inputs (u,
+    delta, z as the kernel read them), time-major B and C and the chunk-boundary states
+    (n / CHUNK of a (b, d, l) tensor), as in the chunked scan.
     """
 
     @staticmethod
@@ -145,15 +153,14 @@ class KernelSelectiveScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ct = torch.promote_types(torch.float32, u.dtype)
         with torch.autocast(u.device.type, enabled=False):
+            rows = (_rows(u, ct), _rows(delta, ct), _rows(z, ct), _c(delta_bias, ct))
             rest = (_c(A, ct), (A.detach().double() * (1.0 / math.log(2.0))).to(ct).contiguous(),
                     _time_major(B, ct), _time_major(C, ct), _c(D, ct))
             save = any(ctx.needs_input_grad)
-            gate = None if z is None else F.silu(_c(z, ct))
-            out, last, bounds = load_kernel().fwd(
-                _c(u, ct), _dt(delta, delta_bias, softplus, ct), gate, *rest, _c(h0, ct),
-                chunk, save)
+            out, last, bounds = load_kernel().fwd(*rows, bool(softplus), *rest, _c(h0, ct),
+                                                  chunk, save)
         if save:
-            ctx.save_for_backward(u, delta, z, delta_bias, *rest, bounds)
+            ctx.save_for_backward(*rows, *rest, bounds)
             ctx.softplus, ctx.chunk = bool(softplus), chunk
             ctx.dtypes = [None if t is None else t.dtype
                           for t in (u, delta, A, B, C, D, z, delta_bias, h0)]
@@ -162,28 +169,17 @@ class KernelSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, glast):
         u, delta, z, delta_bias, *rest, bounds = ctx.saved_tensors
-        ct = torch.promote_types(torch.float32, u.dtype)
+        ct = u.dtype
         b, g = u.shape[0], rest[2].shape[1]
         blocks = -(-2 * torch.get_num_threads() // (b * g))  # >= 2 work items a thread
         with torch.autocast(u.device.type, enabled=False):
-            dt = _dt(delta, delta_bias, ctx.softplus, ct)
-            zc = _c(z, ct)
-            sz = None if z is None else torch.sigmoid(zc)
-            du, ddt, dgate, dBt, dCt, dA, dD, dh0 = load_kernel().bwd(
-                _c(u, ct), dt, None if z is None else zc * sz, *rest, bounds, _c(gout, ct),
+            du, ddelta, dz, dBt, dCt, dA, dD, dbias, dh0 = load_kernel().bwd(
+                u, delta, z, delta_bias, ctx.softplus, *rest, bounds, _rows(gout, ct),
                 _c(glast, ct), ctx.chunk, blocks)
-            if ctx.softplus:  # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-                ddt *= dt.neg_().expm1_().neg_()
-            del dt
-            dz = None
-            if z is not None:  # silu'(z) = sig(z) (1 + z (1 - sig(z))), built in sz
-                dz = dgate.mul_(sz)
-                dz *= sz.neg_().add_(1).mul_(zc).add_(1)
         tu, tdelta, tA, tB, tC, tD, tz, tbias, th0 = ctx.dtypes
         need = ctx.needs_input_grad + (False,) * 2  # h0 and chunk may be left out
-        return (_cast(du, tu, need[0]), _cast(ddt, tdelta, need[1]), _cast(dA, tA, need[2]),
+        return (_cast(du, tu, need[0]), _cast(ddelta, tdelta, need[1]), _cast(dA, tA, need[2]),
                 _cast(dBt.transpose(-1, -2), tB, need[3]),
                 _cast(dCt.transpose(-1, -2), tC, need[4]), _cast(dD, tD, need[5]),
-                _cast(dz, tz, need[6]),
-                _cast(ddt.sum((0, 2)) if tbias is not None else None, tbias, need[7]), None,
-                _cast(dh0, th0, need[9]), None)
+                _cast(dz if z is not None else None, tz, need[6]),
+                _cast(dbias, tbias, need[7]), None, _cast(dh0, th0, need[9]), None)

@@ -1,0 +1,68 @@
+// Branch-free float math the compiler vectorises (no libm calls), for the CPU kernels;
+// the double overloads call libm (fp64 runs are for checking, not speed).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fairseq_mamba {
+
+// 2^x for float, vectorisable (no libm call, no branch): round-to-nearest split
+// x = k + f, |f| <= 1/2, a degree-6 polynomial for 2^f (fitted to the relative error on
+// [-1/2, 1/2]: < 1e-7, under one fp32 ulp, in fp32 arithmetic) and k added to the exponent
+// bits. Below 2^-127 it returns 0 (a flushed denormal). Vectorising the selects needs
+// -fno-trapping-math (scan_kernel._cflags).
+inline float exp2_fast(float x) {
+  const float xc = x < -127.0f ? -127.0f : (x > 127.0f ? 127.0f : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float kf = (xc + magic) - magic;
+  const float f = xc - kf;
+  float p = 1.5345805e-4f;
+  p = p * f + 1.3399931e-3f;
+  p = p * f + 9.6184891e-3f;
+  p = p * f + 5.5503286e-2f;
+  p = p * f + 0.24022646f;
+  p = p * f + 0.69314718f;
+  p = p * f + 1.0f;
+  int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  bits = x > -127.0f ? bits : 0;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp2_fast(double x) { return std::exp2(x); }
+
+// log(1 + y) for y in [0, 1], vectorisable: 2 atanh(s) with s = y / (2 + y) <= 1/3, its
+// odd series to s^13 (the next term is < 2e-9 of the result). No cancellation for small y.
+inline float log1p_unit(float y) {
+  const float s = y / (2.0f + y), s2 = s * s;
+  float p = 1.0f / 13;
+  p = p * s2 + 1.0f / 11;
+  p = p * s2 + 1.0f / 9;
+  p = p * s2 + 1.0f / 7;
+  p = p * s2 + 1.0f / 5;
+  p = p * s2 + 1.0f / 3;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+inline double log1p_unit(double y) { return std::log1p(y); }
+
+// softplus(x) = max(x, 0) + log(1 + e^-|x|) and sigmoid(x), from one exponential.
+template <typename T>
+inline void softplus_sigmoid(T x, T& sp, T& sig) {
+  const T y = exp2_fast(-std::fabs(x) * static_cast<T>(1.4426950408889634));  // e^-|x|
+  sp = (x > T(0) ? x : T(0)) + log1p_unit(y);
+  const T r = T(1) / (T(1) + y);
+  sig = x >= T(0) ? r : y * r;
+}
+
+// sigmoid(x) from e^-|x| (no overflow for either sign).
+template <typename T>
+inline T sigmoid_fast(T x) {
+  const T y = exp2_fast(-std::fabs(x) * static_cast<T>(1.4426950408889634));
+  const T r = T(1) / (T(1) + y);
+  return x >= T(0) ? r : y * r;
+}
+
+}  // namespace fairseq_mamba
