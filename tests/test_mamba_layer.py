@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fairseq_mamba.modules import BIMAMBA_TYPES, MambaEncoderLayer, build_mixer_cls
-from fairseq_mamba.modules.mamba_mixer import lengths_from_padding_mask, reverse_within_lengths
+from fairseq_mamba.modules.mamba_mixer import (
+    ExternalBiMamba, lengths_from_padding_mask, reverse_within_lengths)
 
 DIM = 32
 
@@ -74,6 +75,38 @@ def test_reverse_within_lengths_is_an_involution_that_keeps_padding_in_place():
     r = reverse_within_lengths(x, lengths, dim=1)
     assert r.tolist() == [[2, 1, 0, 3, 4], [9, 8, 7, 6, 5]]
     assert torch.equal(reverse_within_lengths(r, lengths, dim=1), x)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("out_bias", [False, True])
+def test_external_merge_with_folded_out_projs_is_the_papers_composition(out_bias, padded):
+    """ExternalBiMamba folds each Mamba's out_proj into its half of the merge Linear: the same
+    outputs and parameter gradients as merge(cat(Mamba_f(x), rev(Mamba_b(rev(x)))))."""
+    torch.manual_seed(0)
+    mixer = ExternalBiMamba(DIM, merge="concat", d_state=8, expand=2, bias=out_bias).double()
+    x = torch.randn(3, 11, DIM, dtype=torch.double)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    if padded:
+        mask[0, 7:] = mask[2, 4:] = True
+    lengths = lengths_from_padding_mask(mask, 3, 11, "cpu")
+    rev = lambda t: reverse_within_lengths(t, lengths, dim=1)  # noqa: E731
+    outs, grads = [], []
+    for composed in (False, True):
+        out = (mixer.merge(torch.cat([mixer.forward_mamba(x, mask),
+                                      rev(mixer.backward_mamba(rev(x), mask))], -1))
+               if composed else mixer(x, mask))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.mul(torch.linspace(-1, 1, out.numel()).view_as(out)
+                                                 .double()).sum(), list(mixer.parameters())))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_reverse_without_lengths_is_a_flip():
+    x = torch.arange(10.0).view(2, 5)
+    assert lengths_from_padding_mask(torch.zeros(2, 5, dtype=torch.bool), 2, 5, "cpu") is None
+    assert torch.equal(reverse_within_lengths(x, None, dim=1), x.flip(1))
 
 
 def test_left_padding_is_refused_with_a_clear_error():

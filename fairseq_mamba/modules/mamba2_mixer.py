@@ -180,6 +180,8 @@ class ExternalBiMamba2(ExternalBiMamba):
     differs, so its __init__ (which builds Mamba-1 mixers) is replaced, not called.
     """
 
+    fold_out_proj = False  # Mamba2 has no ``mix``: its out_proj follows a gated norm
+
     def __init__(self, d_model, merge="concat", **mamba2_kwargs):
         nn.Module.__init__(self)
         if merge not in ("concat", "sum"):

@@ -21,12 +21,15 @@ from fairseq_mamba import ops
 
 
 def lengths_from_padding_mask(padding_mask: Optional[torch.Tensor], batch: int, length: int, device):
-    """(batch, length) right-padding mask -> (batch,) valid lengths; ValueError if not right-padded."""
+    """(batch, length) right-padding mask -> (batch,) valid lengths, or None where no row is
+    padded (reverse_within_lengths then flips); ValueError if not right-padded."""
     if padding_mask is None:
-        return torch.full((batch,), length, dtype=torch.long, device=device)
+        return None
     if padding_mask.shape != (batch, length):
         raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(batch, length)}")
     lengths = (~padding_mask).sum(-1)
+    if bool((lengths == length).all()):
+        return None
     right_padded = torch.arange(length, device=device)[None, :] >= lengths[:, None]
     if not torch.equal(right_padded, padding_mask.bool()):
         raise ValueError(
@@ -40,8 +43,11 @@ def reverse_within_lengths(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> 
     """Reverse ``x`` along ``dim`` per batch row, only over the first ``lengths[b]`` positions.
 
     Padded positions stay where they are, so the operation is its own inverse.
-    ``x``: batch first; ``dim`` is the time axis.
+    ``x``: batch first; ``dim`` is the time axis; ``lengths`` None: every row is full
+    (a flip, whose backward is a flip rather than gather's scatter-add).
     """
+    if lengths is None:  # no row is padded
+        return x.flip(dim)
     length = x.shape[dim]
     t = torch.arange(length, device=x.device)[None, :]
     index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (batch, length)
@@ -70,11 +76,11 @@ def linear_to_channels(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     return out if linear.bias is None else out + linear.bias[:, None]
 
 
-def linear_from_channels(linear: nn.Linear, y: torch.Tensor) -> torch.Tensor:
-    """``linear(y.transpose(1, 2))``: y (batch, ch, length) -> (batch, length, out), without a
-    copy where y is channel-major (the matmul reads the transposed view as it is)."""
+def linear_from_channels(y: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """``F.linear(y.transpose(1, 2), weight, bias)``: y (batch, ch, length) -> (batch, length,
+    out), without a copy where y is channel-major (the matmul reads the transposed view)."""
     batch, _, length = y.shape
-    return linear(channel_major(y).t()).view(batch, length, -1)
+    return F.linear(channel_major(y).t(), weight, bias).view(batch, length, -1)
 
 
 def time_chunks(length: int, chunk: int):
@@ -216,17 +222,21 @@ class Mamba(nn.Module):
 
     def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """hidden: (batch, length, d_model); padding_mask: (batch, length) bool, True = pad."""
+        if hidden.shape[1] == 0:  # nothing to mix; conv kernels refuse empty inputs
+            return hidden.new_zeros(hidden.shape[0], 0, self.d_model)
+        fused = ops.kernel_for("mamba_inner", hidden) if self.directions == ("forward",) else None
+        if fused is not None:
+            return self._fused_forward(fused, self._in_proj(hidden, padding_mask))
+        return linear_from_channels(self.mix(hidden, padding_mask), self.out_proj.weight,
+                                    self.out_proj.bias)
+
+    def mix(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Everything before out_proj: (batch, length >= 1, d_model) -> the directions' mean
+        (batch, d_inner, length)."""
         batch, length, _ = hidden.shape
-        if length == 0:  # nothing to mix; conv kernels refuse empty inputs
-            return hidden.new_zeros(batch, 0, self.d_model)
         lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
         valid = None if padding_mask is None else ~padding_mask
-        if valid is not None:
-            hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
-        xz = linear_to_channels(self.in_proj, hidden)  # (batch, 2 * d_inner, length)
-        fused = ops.kernel_for("mamba_inner", xz) if self.directions == ("forward",) else None
-        if fused is not None:
-            return self._fused_forward(fused, xz)
+        xz = self._in_proj(hidden, padding_mask)  # (batch, 2 * d_inner, length)
         y = 0
         for direction, ssm in zip(self.directions, self.ssms):
             if direction == "forward":
@@ -235,7 +245,12 @@ class Mamba(nn.Module):
             else:
                 x, z = reverse_within_lengths(xz, lengths, dim=2).chunk(2, dim=1)
                 y = y + reverse_within_lengths(ssm(x, z, valid), lengths, dim=2)
-        return linear_from_channels(self.out_proj, y / len(self.ssms))
+        return y / len(self.ssms)
+
+    def _in_proj(self, hidden, padding_mask):
+        if padding_mask is not None:  # padded inputs zeroed: garbage cannot leak via 0 * x
+            hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
+        return linear_to_channels(self.in_proj, hidden)
 
     def forward_chunk(self, hidden: torch.Tensor, state=None):
         """Streaming step of a causal mixer: the next frames of ``forward`` on the whole stream.
@@ -250,7 +265,7 @@ class Mamba(nn.Module):
                 "stream chunk by chunk; only the causal mixer (bimamba_type=none) can")
         x, z = linear_to_channels(self.in_proj, hidden).chunk(2, dim=1)
         y, state = self.ssms[0].forward_chunk(x, z, state)
-        return linear_from_channels(self.out_proj, y), state
+        return linear_from_channels(y, self.out_proj.weight, self.out_proj.bias), state
 
     def forward_long(self, hidden: torch.Tensor, chunk: int, reverse: bool = False):
         """``forward(hidden)`` for one long unpadded sequence, ``chunk`` frames at a time.
@@ -296,6 +311,8 @@ class ExternalBiMamba(nn.Module):
     merge="sum": add them. Input/output: (batch, length, d_model).
     """
 
+    fold_out_proj = True  # Mamba.mix gives what comes before out_proj (see _merged_forward)
+
     def __init__(self, d_model, merge="concat", **mamba_kwargs):
         super().__init__()
         if merge not in ("concat", "sum"):
@@ -307,14 +324,31 @@ class ExternalBiMamba(nn.Module):
     def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         batch, length, _ = hidden.shape
         lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
+        reversed_hidden = reverse_within_lengths(hidden, lengths, dim=1)
+        if (self.fold_out_proj and self.merge is not None and length > 0
+                and ops.kernel_for("mamba_inner", hidden) is None):
+            return self._merged_forward(hidden, reversed_hidden, padding_mask, lengths)
         y_fwd = self.forward_mamba(hidden, padding_mask)
-        y_bwd = reverse_within_lengths(
-            self.backward_mamba(reverse_within_lengths(hidden, lengths, dim=1), padding_mask),
-            lengths, dim=1,
-        )
+        y_bwd = reverse_within_lengths(self.backward_mamba(reversed_hidden, padding_mask),
+                                       lengths, dim=1)
         if self.merge is None:
             return y_fwd + y_bwd
         return self.merge(torch.cat([y_fwd, y_bwd], dim=-1))
+
+    def _merged_forward(self, hidden, reversed_hidden, padding_mask, lengths):
+        """merge(cat(out_f, out_b)) with each Mamba's out_proj folded into its half of the
+        merge: merge_f (W_of y_f + b_of) = (merge_f W_of) y_f + merge_f b_of. One
+        (d_model, d_inner) matmul per direction instead of two over every frame; the same
+        function and gradients (autograd runs through the folded weights)."""
+        out, bias = [], self.merge.bias
+        halves = self.merge.weight.chunk(2, dim=1)
+        for mamba, half, x in zip((self.forward_mamba, self.backward_mamba), halves,
+                                  (hidden, reversed_hidden)):
+            out.append(linear_from_channels(mamba.mix(x, padding_mask),
+                                            half @ mamba.out_proj.weight))
+            if mamba.out_proj.bias is not None:
+                bias = bias + half @ mamba.out_proj.bias
+        return (out[0] + reverse_within_lengths(out[1], lengths, dim=1)) + bias
 
     def forward_long(self, hidden: torch.Tensor, chunk: int):
         """``forward(hidden)`` for one long unpadded sequence in ``chunk``-frame sweeps."""
