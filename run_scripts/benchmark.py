@@ -257,17 +257,24 @@ def build_tiny_layers():
     return layers
 
 
-def bench_tiny_layers(batch=8, length=156):
-    """fwd+bwd CPU seconds of each tiny layer on a (length, batch, 128) input."""
-    out = {}
+def bench_tiny_layers(batch=8, length=156, rounds=15):
+    """fwd+bwd CPU seconds of each tiny layer on a (length, batch, 128) input: the minimum
+    over ``rounds`` rounds that time every layer once in turn (interleaved, so that a slow
+    spell of a shared machine hits all layers alike rather than one)."""
+    steps = {}
     for name, layer in build_tiny_layers().items():
         g = torch.Generator().manual_seed(0)
         x = torch.randn(length, batch, 128, generator=g).requires_grad_()
         train = fwd_and_train(lambda x, layer=layer: layer(x, self_attn_padding_mask=None)[0],
                               {"x": x}, torch.randn(length, batch, 128, generator=g))[1]
         layer.train()
-        out[name] = measure(lambda: (train(), layer.zero_grad(set_to_none=True)), live=False,
-                            max_reps=5)["s"]
+        steps[name] = lambda train=train, layer=layer: (train(), layer.zero_grad(set_to_none=True))
+        steps[name]()  # first-call costs
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step)[0])
+    out = {name: min(t) for name, t in times.items()}
     print("[tiny layers]", json.dumps(out), flush=True)
     return out
 

@@ -62,18 +62,21 @@ def channel_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
-def linear_to_channels(linear: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """``linear(hidden).transpose(1, 2)``: hidden (batch, length, in) -> (batch, out, length),
-    as a view of (out, batch * length) memory.
+def linear_to_channels(linear: nn.Linear, hidden: torch.Tensor, chunks: int = 1):
+    """``linear(hidden).transpose(1, 2).chunk(chunks, dim=1)``: hidden (batch, length, in) ->
+    ``chunks`` tensors (batch, out / chunks, length), views of (out / chunks, batch * length)
+    memory.
 
     mamba-ssm's ``W @ rearrange(hidden, "b l d -> d (b l)")``: one matmul, and each channel's
     steps contiguous, the layout the conv and scan kernels read without a copy (the
-    transposed view of ``linear(hidden)`` would be copied by each of them).
+    transposed view of ``linear(hidden)`` would be copied by each of them). The chunks are
+    cut before the view, so that their gradients meet in that layout too (no copy in backward).
     """
     batch, length, _ = hidden.shape
-    out = (linear.weight @ hidden.reshape(batch * length, -1).t()).view(-1, batch, length)
-    out = out.transpose(0, 1)
-    return out if linear.bias is None else out + linear.bias[:, None]
+    flat = linear.weight @ hidden.reshape(batch * length, -1).t()
+    if linear.bias is not None:
+        flat = flat + linear.bias[:, None]
+    return tuple(t.view(-1, batch, length).transpose(0, 1) for t in flat.chunk(chunks, dim=0))
 
 
 def linear_from_channels(y: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -226,7 +229,7 @@ class Mamba(nn.Module):
             return hidden.new_zeros(hidden.shape[0], 0, self.d_model)
         fused = ops.kernel_for("mamba_inner", hidden) if self.directions == ("forward",) else None
         if fused is not None:
-            return self._fused_forward(fused, self._in_proj(hidden, padding_mask))
+            return self._fused_forward(fused, self._in_proj(hidden, padding_mask)[0])
         return linear_from_channels(self.mix(hidden, padding_mask), self.out_proj.weight,
                                     self.out_proj.bias)
 
@@ -236,21 +239,20 @@ class Mamba(nn.Module):
         batch, length, _ = hidden.shape
         lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
         valid = None if padding_mask is None else ~padding_mask
-        xz = self._in_proj(hidden, padding_mask)  # (batch, 2 * d_inner, length)
+        x, z = self._in_proj(hidden, padding_mask, chunks=2)  # (batch, d_inner, length) each
         y = 0
         for direction, ssm in zip(self.directions, self.ssms):
             if direction == "forward":
-                x, z = xz.chunk(2, dim=1)
                 y = y + ssm(x, z, valid)
             else:
-                x, z = reverse_within_lengths(xz, lengths, dim=2).chunk(2, dim=1)
-                y = y + reverse_within_lengths(ssm(x, z, valid), lengths, dim=2)
+                x_rev, z_rev = (reverse_within_lengths(t, lengths, dim=2) for t in (x, z))
+                y = y + reverse_within_lengths(ssm(x_rev, z_rev, valid), lengths, dim=2)
         return y / len(self.ssms)
 
-    def _in_proj(self, hidden, padding_mask):
+    def _in_proj(self, hidden, padding_mask, chunks=1):
         if padding_mask is not None:  # padded inputs zeroed: garbage cannot leak via 0 * x
             hidden = hidden.masked_fill(padding_mask[..., None], 0.0)
-        return linear_to_channels(self.in_proj, hidden)
+        return linear_to_channels(self.in_proj, hidden, chunks)
 
     def forward_chunk(self, hidden: torch.Tensor, state=None):
         """Streaming step of a causal mixer: the next frames of ``forward`` on the whole stream.
@@ -263,7 +265,7 @@ class Mamba(nn.Module):
             raise ValueError(
                 f"Mamba(directions={self.directions}) reads the future, so it cannot continue a "
                 "stream chunk by chunk; only the causal mixer (bimamba_type=none) can")
-        x, z = linear_to_channels(self.in_proj, hidden).chunk(2, dim=1)
+        x, z = linear_to_channels(self.in_proj, hidden, chunks=2)
         y, state = self.ssms[0].forward_chunk(x, z, state)
         return linear_from_channels(y, self.out_proj.weight, self.out_proj.bias), state
 
@@ -283,7 +285,7 @@ class Mamba(nn.Module):
             state = None
             for span in (reversed(spans) if backwards else spans):
                 h = hidden[:, span].flip(1) if backwards else hidden[:, span]
-                x, z = linear_to_channels(self.in_proj, h).chunk(2, dim=1)
+                x, z = linear_to_channels(self.in_proj, h, chunks=2)
                 y_span, state = ssm.forward_chunk(x, z, state)
                 y[..., span] += y_span.flip(-1) if backwards else y_span
         out = hidden.new_empty(batch, length, self.d_model)
