@@ -90,3 +90,79 @@ def training_report(rows):
     for model, r in rows.items():
         lines.append(f"| {model} | {r['sec_per_update']:.2f} | {r['sec_per_update'] / base:.2f}x |")
     return lines
+
+
+def base_model(model: str):
+    """The model section of examples/pretrain/<model>_base_librispeech.yaml (label_rate 50,
+    500 units, iteration 2), built without a task."""
+    from fairseq.data import Dictionary
+    from fairseq.models.hubert import HubertConfig, HubertModel
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+    from omegaconf import OmegaConf
+
+    from fairseq_mamba.models.mamba_hubert import MambaHubertConfig, MambaHubertModel
+
+    section = OmegaConf.load(ROOT / "examples" / "pretrain" / f"{model}_base_librispeech.yaml").model
+    del section["_name"]
+    section.label_rate = 50
+    cls, cfg_cls = {"hubert": (HubertModel, HubertConfig),
+                    "mamba_hubert": (MambaHubertModel, MambaHubertConfig)}[model]
+    dictionary = Dictionary()
+    for i in range(500):
+        dictionary.add_symbol(str(i))
+    return cls(OmegaConf.merge(OmegaConf.structured(cfg_cls), section),
+               HubertPretrainingConfig(label_rate=50), [dictionary])
+
+
+def bench_base_update(frames=(250, 1000), batch=1, rounds=3):
+    """CPU seconds of one training update (forward, HuBERT's masked-prediction loss, backward,
+    Adam step) of the base configs on one fp32 batch of ``batch`` utterances of each length
+    in ``frames`` (20 ms frames); the minimum over ``rounds`` rounds, each timing both
+    models in turn."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    models = {m: base_model(m).train() for m in MODELS}
+    optims = {m: torch.optim.Adam(models[m].parameters(), lr=1e-5) for m in MODELS}
+    out = {}
+    for n in frames:
+        wav = torch.randn(batch, n * 320)
+        pad = torch.zeros(wav.shape, dtype=torch.bool)
+        labels = torch.randint(0, 500, (batch, n))
+
+        def update(m):
+            net = models[m](wav, target_list=[labels], padding_mask=pad)
+            logits, targets = (f(net, True)[0] for f in (models[m].get_logits, models[m].get_targets))
+            loss = F.cross_entropy(logits, targets)
+            loss.backward()
+            optims[m].step()
+            optims[m].zero_grad(set_to_none=True)
+
+        for m in MODELS:
+            update(m)  # first-call costs
+        times = {m: [] for m in MODELS}
+        for _ in range(rounds):
+            for m in MODELS:
+                t = time.process_time()
+                update(m)
+                times[m].append(time.process_time() - t)
+        out[n] = {m: min(v) for m, v in times.items()}
+        print("[base update]", n, out[n], flush=True)
+    return out
+
+
+def base_update_report(rows, batch=1):
+    lines = ["", "### (d) Training update, base configs (one batch, fp32)", "",
+             f"`examples/pretrain/{{mamba_hubert,hubert}}_base_librispeech.yaml` (model section; "
+             f"500 units), one batch of {batch} utterance(s), random audio and labels: forward, "
+             "masked-prediction cross-entropy, backward, Adam step; CPU seconds, the minimum of "
+             "3 interleaved rounds.", "",
+             "| frames per utterance | hubert s | mamba_hubert s | relative to hubert |",
+             "|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['hubert']:.2f} | {r['mamba_hubert']:.2f} | "
+                     f"{r['mamba_hubert'] / r['hubert']:.2f}x |")
+    return lines

@@ -77,18 +77,25 @@ def test_reverse_within_lengths_is_an_involution_that_keeps_padding_in_place():
     assert torch.equal(reverse_within_lengths(r, lengths, dim=1), x)
 
 
+@pytest.mark.parametrize("length,folds", [(11, False), (30, True)])  # 3 x 30 frames > d_inner 64
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("out_bias", [False, True])
-def test_external_merge_with_folded_out_projs_is_the_papers_composition(out_bias, padded):
-    """ExternalBiMamba folds each Mamba's out_proj into its half of the merge Linear: the same
-    outputs and parameter gradients as merge(cat(Mamba_f(x), rev(Mamba_b(rev(x)))))."""
+def test_external_merge_with_folded_out_projs_is_the_papers_composition(
+        out_bias, padded, length, folds, monkeypatch):
+    """ExternalBiMamba folds each Mamba's out_proj into its half of the merge Linear (where
+    the batch has more frames than d_inner): the same outputs and parameter gradients as
+    merge(cat(Mamba_f(x), rev(Mamba_b(rev(x)))))."""
+    calls = []
+    merged = ExternalBiMamba._merged_forward
+    monkeypatch.setattr(ExternalBiMamba, "_merged_forward",
+                        lambda *args: calls.append(1) or merged(*args))
     torch.manual_seed(0)
     mixer = ExternalBiMamba(DIM, merge="concat", d_state=8, expand=2, bias=out_bias).double()
-    x = torch.randn(3, 11, DIM, dtype=torch.double)
-    mask = torch.zeros(3, 11, dtype=torch.bool)
+    x = torch.randn(3, length, DIM, dtype=torch.double)
+    mask = torch.zeros(3, length, dtype=torch.bool)
     if padded:
         mask[0, 7:] = mask[2, 4:] = True
-    lengths = lengths_from_padding_mask(mask, 3, 11, "cpu")
+    lengths = lengths_from_padding_mask(mask, 3, length, "cpu")
     rev = lambda t: reverse_within_lengths(t, lengths, dim=1)  # noqa: E731
     outs, grads = [], []
     for composed in (False, True):
@@ -98,6 +105,7 @@ def test_external_merge_with_folded_out_projs_is_the_papers_composition(out_bias
         outs.append(out)
         grads.append(torch.autograd.grad(out.mul(torch.linspace(-1, 1, out.numel()).view_as(out)
                                                  .double()).sum(), list(mixer.parameters())))
+    assert len(calls) == folds
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

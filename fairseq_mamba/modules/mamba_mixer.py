@@ -327,7 +327,8 @@ class ExternalBiMamba(nn.Module):
         batch, length, _ = hidden.shape
         lengths = lengths_from_padding_mask(padding_mask, batch, length, hidden.device)
         reversed_hidden = reverse_within_lengths(hidden, lengths, dim=1)
-        if (self.fold_out_proj and self.merge is not None and length > 0
+        if (self.fold_out_proj and self.merge is not None
+                and batch * length > self.forward_mamba.d_inner
                 and ops.kernel_for("mamba_inner", hidden) is None):
             return self._merged_forward(hidden, reversed_hidden, padding_mask, lengths)
         y_fwd = self.forward_mamba(hidden, padding_mask)
@@ -339,9 +340,10 @@ class ExternalBiMamba(nn.Module):
 
     def _merged_forward(self, hidden, reversed_hidden, padding_mask, lengths):
         """merge(cat(out_f, out_b)) with each Mamba's out_proj folded into its half of the
-        merge: merge_f (W_of y_f + b_of) = (merge_f W_of) y_f + merge_f b_of. One
-        (d_model, d_inner) matmul per direction instead of two over every frame; the same
-        function and gradients (autograd runs through the folded weights)."""
+        merge: merge_f (W_of y_f + b_of) = (merge_f W_of) y_f + merge_f b_of. The same
+        function and gradients (autograd runs through the folded weights). Per direction it
+        costs d_model^2 d_inner multiply-adds to fold and saves d_model^2 per frame (the
+        merge's matmul), hence taken only when the batch has more frames than d_inner."""
         out, bias = [], self.merge.bias
         halves = self.merge.weight.chunk(2, dim=1)
         for mamba, half, x in zip((self.forward_mamba, self.backward_mamba), halves,
