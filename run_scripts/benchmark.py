@@ -1,5 +1,6 @@
 """CPU benchmarks: (a) the selective scan, (b) one encoder layer, Mamba vs attention,
-(c) training seconds per update of the tiny configs (see benchmark_training.py).
+(c) training seconds per update of the tiny configs, (d) one update of the base configs
+(both in benchmark_training.py).
 "ours (kernel)" is the compiled CPU scan (ops/scan_kernel.py) that selective_scan uses;
 "ours (chunked)" the eager fallback.
 
@@ -52,7 +53,8 @@ from benchmark_report import (  # noqa: E402
     threads_report,
     tiny_layer_report,
 )
-from benchmark_training import bench_training, training_report  # noqa: E402
+from benchmark_training import (  # noqa: E402
+    base_update_report, bench_base_update, bench_training, training_report)
 from scan_baselines import blelloch_selective_scan, load_mamba_ssm_ref  # noqa: E402
 LOOP_MAX_LEN = 1000  # Python-loop scans and Blelloch: longer lengths are extrapolated
 _LIBC = ctypes.CDLL("libc.so.6")
@@ -363,6 +365,8 @@ def main():
     tiny = bench_tiny_layers()
     layer_rows = bench_layers(layer_lengths)
     training = bench_training(out_dir, args.quick, args.threads)
+    base_update = bench_base_update(frames=(25,) if args.quick else (250, 1000),
+                                    rounds=1 if args.quick else 3)
     header = [f"# Benchmark{' (--quick)' if args.quick else ''}", "",
               *(["**--quick smoke run: short lengths, so the targets (defined at length 1000 "
                  "and 2000+ frames) are not meaningful here.**", ""] if args.quick else []),
@@ -377,11 +381,13 @@ def main():
               "(malloc_trim, VmHWM reset; adds allocator overhead).", ""]
     md = "\n".join(header + scan_report(scan_rows, elementwise, sweep, ref_len)
                    + threads_report(threads, ref_len) + tiny_layer_report(tiny)
-                   + layer_report(layer_rows) + training_report(training))
+                   + layer_report(layer_rows) + training_report(training)
+                   + base_update_report(base_update))
     (out_dir / "benchmark.md").write_text(md)
     (out_dir / "benchmark.json").write_text(json.dumps(
         dict(scan=scan_rows, layers=layer_rows, elementwise=elementwise, chunk_sweep=sweep,
-             training=training, scan_threads=threads, tiny_layers=tiny),
+             training=training, scan_threads=threads, tiny_layers=tiny,
+             base_update=base_update),
         indent=1))
     plot(scan_rows, layer_rows, out_dir / "benchmark.png")
     print(md)

@@ -154,12 +154,12 @@ def bench_base_update(frames=(250, 1000), batch=1, rounds=3):
     return out
 
 
-def base_update_report(rows, batch=1):
+def base_update_report(rows, batch=1, rounds=3):
     lines = ["", "### (d) Training update, base configs (one batch, fp32)", "",
              f"`examples/pretrain/{{mamba_hubert,hubert}}_base_librispeech.yaml` (model section; "
              f"500 units), one batch of {batch} utterance(s), random audio and labels: forward, "
              "masked-prediction cross-entropy, backward, Adam step; CPU seconds, the minimum of "
-             "3 interleaved rounds.", "",
+             f"{rounds} interleaved rounds.", "",
              "| frames per utterance | hubert s | mamba_hubert s | relative to hubert |",
              "|---|---|---|---|"]
     for n, r in rows.items():
