@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fairseq_mamba.ops import scan_kernel, selective_scan, selective_scan_reference
-from test_selective_scan import RTOL, assert_same, make_inputs
+from test_selective_scan import RTOL, assert_rel_close, assert_same, make_inputs, run
 
 
 @pytest.mark.parametrize("chunk,length", [(1, 50), (3, 50), (16, 300), (64, 63), (64, 65),
@@ -81,3 +81,21 @@ def test_kernel_reads_channel_major_rows(softplus):
     assert scan_kernel._rows(strided["z"], torch.float64) is strided["z"]  # no copy
     assert_same(strided, selective_scan, selective_scan_reference, RTOL[torch.float64],
                 softplus=softplus)
+
+
+def test_kernel_on_two_threads_matches_one_thread():
+    """at::parallel_for really splits the channels (the extension is built with OpenMP), and
+    backward's per-block dB/dC/dA slabs add up to the one-thread gradients."""
+    x = make_inputs(batch=3, dim=8, length=150, groups=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(selective_scan, x)
+        torch.set_num_threads(2)
+        two = run(selective_scan, x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one[0], two[0]):
+        assert_rel_close(a, b, 1e-6, "output")
+    for k in one[1]:
+        assert_rel_close(two[1][k], one[1][k], 1e-5, f"grad {k}")

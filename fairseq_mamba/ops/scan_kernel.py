@@ -7,24 +7,30 @@ registers, spread over torch's intra-op threads (``at::parallel_for``); the
 boundary; backward recomputes one chunk's states at a time from it (chunk x n values,
 in L1) and runs the adjoint recurrence over them.
 
-Why a C++ extension (chosen by measurement, BENCHMARKS.md "CPU scan kernel"): at batch 4,
-dim 1536, d_state 16, length 1000, one thread, its forward+backward ran 2.4-2.9x faster than
-the eager chunked scan (whose ~17 elementwise passes over the state are the cost of
-materialising per-chunk states in eager PyTorch); the issue's own measurement found a
-naive numba loop slower than the chunked scan; torch.compile was not measured (it
-would unroll a Python loop over every time step into one graph). exp() is a branch-free polynomial (exp2_fast in the C++) so that
-the compiler vectorises the state loop; glibc's vector exp would need -ffast-math.
+Why a C++ extension (chosen by measurement, BENCHMARKS.md "CPU kernels"): at batch 4, dim
+1536, d_state 16, length 1000, one thread, its forward+backward runs 3.75x faster than the
+eager chunked scan (0.287 s against 1.077 s; the chunked scan's ~17-26 elementwise passes
+over the state are the cost of materialising per-chunk states in eager PyTorch); the issue's
+own measurement found a naive numba loop slower than the chunked scan; torch.compile was not
+measured (it would unroll a Python loop over every time step into one graph). exp() is a
+branch-free polynomial (fast_math.h) so that the compiler vectorises the state loop; glibc's
+vector exp would need -ffast-math. Δ's softplus, silu(z) and their derivatives are computed
+in the kernel, chunk by chunk into L1 buffers, from the same polynomial: done by torch's
+eager ops they took 27% of the scan's forward+backward (profiled: softplus alone ran at
+~9 ns an element). The (b, d, l) inputs are read in place with any batch and channel
+strides, so the mixer's channel-major projections reach the kernel without copies.
 
 Why built just in time (``torch.utils.cpp_extension.load``, cached under
 TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions) rather than by setup.py: an
-editable install would silently keep a stale .so after the source changes, while
-``load`` hashes the source and rebuilds. The cold build costs ~25 CPU seconds (about a
-minute of wall time on a loaded 2-core box); run_scripts/setup_env.sh pays it once. A build
+editable install would silently keep a stale .so after the source changes, while the
+build's name carries a digest of every csrc file (``_build_name``), so a change rebuilds.
+The cold build of the three files costs ~40 CPU seconds (25 s of wall time on 2 idle
+cores); run_scripts/setup_env.sh pays it once. A build
 killed midway leaves torch's lock file, on which every later load would wait forever:
 ``clear_stale_build_lock`` removes one older than any build takes.
-Where the build or the load fails, ``load_kernel`` logs one warning and returns None,
-and ``selective_scan`` uses the chunked PyTorch scan. FAIRSEQ_MAMBA_SCAN_KERNEL=0 uses
-the chunked scan without trying.
+Where the build or the load fails, ``load_kernel`` logs one warning and returns None;
+``selective_scan`` uses the chunked PyTorch scan and ``causal_conv1d`` F.conv1d.
+FAIRSEQ_MAMBA_SCAN_KERNEL=0 takes those fallbacks without trying.
 
 Layouts handed to C++, in the compute dtype (fp32, or fp64 for fp64 inputs): (b, d, l)
 values with contiguous rows and any batch and channel strides (the mixer's channel-major
@@ -55,10 +61,13 @@ _tried = False
 
 def _cflags():
     """-O3; AVX2+FMA where torch says the CPU has them (the exp2 loop runs ~4x faster
-    than with SSE2, measured), named in the build so each kind of CPU gets its own."""
+    than with SSE2, measured), named in the build so each kind of CPU gets its own.
+    -fopenmp: at::parallel_for is inline OpenMP, serial in a build without it (measured: 2
+    threads ran no faster than 1). The .so then needs libgomp.so.1, the soname of the one
+    torch has loaded, so both share one OpenMP runtime and torch.set_num_threads."""
     cap = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
-    return ["-O3", "-fopenmp-simd", "-fno-trapping-math"] + simd, ("avx2" if simd else "base")
+    return ["-O3", "-fopenmp", "-fno-trapping-math"] + simd, ("avx2" if simd else "base")
 
 
 def _build_name(tag):
@@ -101,10 +110,10 @@ def load_kernel():
                 name = _build_name(tag)
                 clear_stale_build_lock(name)
                 _ext = load(name=name, sources=[str(p) for p in sorted(CSRC.glob("*.cpp"))],
-                            extra_cflags=cflags, verbose=False)
+                            extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # no compiler / ninja, a build error, a bad .so
-                logger.warning("fairseq_mamba: CPU selective-scan kernel unavailable (%s); "
-                               "using the chunked PyTorch scan", str(exc).splitlines()[0])
+                logger.warning("fairseq_mamba: CPU kernels unavailable (%s); using the chunked "
+                               "PyTorch scan and F.conv1d", str(exc).splitlines()[0])
         return _ext
 
 
