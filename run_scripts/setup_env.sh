@@ -56,11 +56,11 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" &&
     "mamba-ssm==2.3.2.post1" "einops==0.8.2"
 fi
 "${pip[@]}" -c "$constraints" --no-build-isolation --no-deps -e "$root"
-# The compiled CPU selective scan, built now (about a minute, cached under TORCH_EXTENSIONS_DIR)
-# rather than at the first scan; torch rebuilds it when its source changes. A failed build is not
-# fatal: fairseq_mamba logs one warning and uses the chunked PyTorch scan.
+# The compiled CPU kernels (scan, causal conv), built now (about 40 CPU seconds, cached under
+# TORCH_EXTENSIONS_DIR) rather than at the first call; a changed source gets a new build. A failed
+# build is not fatal: fairseq_mamba logs one warning and uses the chunked scan and F.conv1d.
 "$py" -c "from fairseq_mamba.ops.scan_kernel import load_kernel; load_kernel()" ||
-  echo "[setup_env] the CPU selective-scan kernel did not build; the chunked scan will be used" >&2
+  echo "[setup_env] the CPU kernels did not build; the chunked scan and F.conv1d will be used" >&2
 
 if "$py" -m pip list 2>/dev/null | grep -qi '^nvidia-' && ! "$py" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)"; then
   echo "[setup_env] CUDA packages appeared beside a CPU torch; something asked for another torch" >&2

@@ -10,6 +10,7 @@
 // a general depthwise kernel; measured in BENCHMARKS.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "fast_math.h"
 
@@ -144,6 +145,11 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w,
     });
   });
   return {dx, dw, db};
+}
+
+void register_conv(pybind11::module_& m) {
+  m.def("conv_fwd", &conv_fwd, "causal depthwise conv1d (+ SiLU) forward (CPU)");
+  m.def("conv_bwd", &conv_bwd, "causal depthwise conv1d (+ SiLU) backward (CPU)");
 }
 
 }  // namespace fairseq_mamba

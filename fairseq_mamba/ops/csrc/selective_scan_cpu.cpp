@@ -21,6 +21,7 @@
 // chunk x n values, in L1) from the saved chunk-boundary state.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "fast_math.h"
 
@@ -372,6 +373,11 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta,
     });
   });
   return {du, ddelta, dz, dBp.sum(0), dCp.sum(0), dAp.sum(0), dDp.sum(0), dbp.sum(0), dh0};
+}
+
+void register_scan(pybind11::module_& m) {
+  m.def("fwd", &scan_fwd, "selective scan forward (CPU)");
+  m.def("bwd", &scan_bwd, "selective scan backward (CPU)");
 }
 
 }  // namespace fairseq_mamba
