@@ -104,6 +104,16 @@ def test_dtypes(dtype):
 
 
 @both_impls
+def test_silu_of_non_finite_values_is_torchs():
+    """inf -> inf, -inf -> -inf * 0 = nan, nan -> nan, and large finite values, as F.silu."""
+    x = torch.zeros(1, 1, 8)
+    x[0, 0, :5] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30])
+    w, b = torch.ones(1, 1), torch.zeros(1)  # width 1: out = x (a zero tap would give 0 * inf)
+    out = causal_conv1d(x, w, b, "silu")
+    torch.testing.assert_close(out, torch.nn.functional.silu(x), equal_nan=True)
+
+
+@both_impls
 @pytest.mark.parametrize("layout", ["channel-major", "half of xz", "time-strided"])
 def test_strided_inputs(layout):
     """Inputs as the mixer hands them over (one half of a "d (b l)" projection, or any

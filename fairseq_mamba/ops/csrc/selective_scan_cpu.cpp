@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -86,8 +87,24 @@ void chunk_gate(const T* __restrict__ z, int64_t m, T* __restrict__ gate, T* __r
   }
 }
 
+// dt's bound in the decay's exponent: the largest |dt| with every |dt A2_s| <= kExp2Arg (inf
+// where A is 0). A larger dt is capped there only, where 2^(dt A2) is 0 or inf already.
+template <typename T>
+T dt_cap(const T* A2r, int64_t n) {
+  T amax = 0;
+  for (int64_t s = 0; s < n; ++s) amax = std::max(amax, std::fabs(A2r[s]));
+  return amax > 0 ? static_cast<T>(kExp2Arg) / amax : std::numeric_limits<T>::infinity();
+}
+// dtc = dt capped to [-cap, cap], m steps (a loop of its own: capping inside the step loop,
+// per step, made the forward scan 5% slower, measured here).
+template <typename T>
+void chunk_cap(const T* __restrict__ dt, T cap, int64_t m, T* __restrict__ dtc) {
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) dtc[j] = dt[j] > cap ? cap : (dt[j] < -cap ? -cap : dt[j]);
+}
+
 // Forward of one channel (bi, di). N > 0: n known at compile time (registers).
-// buf: 4 * chunk scratch values.
+// buf: 5 * chunk scratch values.
 template <typename T, int N>
 void forward_channel(const Args<T>& a, int64_t bi, int64_t di, const Rows<T*>& out,
                      T* __restrict__ last, T* __restrict__ bounds, T* __restrict__ buf) {
@@ -100,25 +117,28 @@ void forward_channel(const Args<T>& a, int64_t bi, int64_t di, const Rows<T*>& o
   const T* __restrict__ Ct = a.Ct + (bi * a.g + gi) * a.l * n;
   T* __restrict__ o = out.row(bi, di);
   const T Dd = a.D ? a.D[di] : T(0), bias = a.bias ? a.bias[di] : T(0);
-  T *dtb = buf, *sdt = buf + a.chunk, *gb = buf + 2 * a.chunk, *sz = buf + 3 * a.chunk;
+  T *dtb = buf, *sdt = buf + a.chunk, *gb = buf + 2 * a.chunk, *sz = buf + 3 * a.chunk,
+    *dtc = buf + 4 * a.chunk;
   T h[N > 0 ? N : kMaxState], A2r[N > 0 ? N : kMaxState];
   for (int64_t s = 0; s < n; ++s) {
     h[s] = a.h0 ? a.h0[ch * n + s] : T(0);
     A2r[s] = a.A2[di * n + s];
   }
+  const T cap = dt_cap(A2r, n);
   for (int64_t c = 0; c < a.K; ++c) {
     const int64_t t0 = c * a.chunk, m = std::min(a.chunk, a.l - t0);
     if (bounds) std::copy(h, h + n, bounds + c * n);
     chunk_dt(delta + t0, bias, a.softplus, m, dtb, sdt);
+    chunk_cap(dtb, cap, m, dtc);
     if (z) chunk_gate(z + t0, m, gb, sz);
     for (int64_t j = 0; j < m; ++j) {
       const int64_t t = t0 + j;
-      const T dtt = dtb[j], dtu = dtt * u[t];
+      const T dtt = dtb[j], dtu = dtt * u[t], dta = dtc[j];
       const T *B = Bt + t * n, *C = Ct + t * n;
       T y = 0;
 #pragma omp simd reduction(+ : y)
       for (int64_t s = 0; s < n; ++s) {
-        h[s] = exp2_fast(dtt * A2r[s]) * h[s] + dtu * B[s];
+        h[s] = exp2_fast(dta * A2r[s]) * h[s] + dtu * B[s];
         y += h[s] * C[s];
       }
       y += Dd * u[t];
@@ -145,8 +165,9 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
   const int64_t n = N > 0 ? N : a.n, L = a.chunk;
   constexpr int M = N > 0 ? N : kMaxState;
   // The chunk's states and decays, then dt, dt's derivative, gate, sigmoid(z), dgate, ddt.
-  std::vector<T> Hbuf(L * n), Abuf(L * n), row(6 * L);
-  T *dtb = row.data(), *sdt = dtb + L, *gb = sdt + L, *sz = gb + L, *dgb = sz + L, *ddtb = dgb + L;
+  std::vector<T> Hbuf(L * n), Abuf(L * n), row(7 * L);
+  T *dtb = row.data(), *sdt = dtb + L, *gb = sdt + L, *sz = gb + L, *dgb = sz + L, *ddtb = dgb + L,
+    *dtc = ddtb + L;
   for (int64_t di = d0; di < d1; ++di) {
     const int64_t ch = bi * a.d + di, gi = di / (a.d / a.g);
     const T* __restrict__ u = a.u.row(bi, di);
@@ -171,21 +192,23 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
       Ar[s] = a.A[di * n + s];
       A2r[s] = a.A2[di * n + s];
     }
+    const T cap = dt_cap(A2r, n);
     double dD = 0, dbias = 0;
     for (int64_t c = a.K - 1; c >= 0; --c) {
       const int64_t t0 = c * L, m = std::min(L, a.l - t0);
       chunk_dt(delta + t0, bias, a.softplus, m, dtb, sdt);
+      chunk_cap(dtb, cap, m, dtc);
       if (z) chunk_gate(z + t0, m, gb, sz);
       // Recompute the chunk's states h_t and decays a_t from its start state.
       const T* hprev = bounds + c * n;
       for (int64_t j = 0; j < m; ++j) {
         T* __restrict__ H = Hbuf.data() + j * n;
         T* __restrict__ Ad = Abuf.data() + j * n;
-        const T dtt = dtb[j], dtu = dtt * u[t0 + j];
+        const T dtt = dtb[j], dtu = dtt * u[t0 + j], dta = dtc[j];
         const T* __restrict__ B = Bt + (t0 + j) * n;
 #pragma omp simd
         for (int64_t s = 0; s < n; ++s) {
-          Ad[s] = exp2_fast(dtt * A2r[s]);
+          Ad[s] = exp2_fast(dta * A2r[s]);
           H[s] = Ad[s] * hprev[s] + dtu * B[s];
         }
         hprev = H;
@@ -317,7 +340,7 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta,
     scalar_t* bd = save ? bounds.data_ptr<scalar_t>() : nullptr;
     with_n(a.n, [&](auto NC) {
       at::parallel_for(0, a.b * a.d, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<scalar_t> buf(4 * chunk);
+        std::vector<scalar_t> buf(5 * chunk);
         for (int64_t i = i0; i < i1; ++i)
           forward_channel<scalar_t, decltype(NC)::value>(
               a, i / a.d, i % a.d, o, ls, bd ? bd + i * a.K * a.n : nullptr, buf.data());
