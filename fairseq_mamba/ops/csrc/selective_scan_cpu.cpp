@@ -24,6 +24,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "fast_math.h"
+#include "state_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -135,13 +136,9 @@ void forward_channel(const Args<T>& a, int64_t bi, int64_t di, const Rows<T*>& o
       const int64_t t = t0 + j;
       const T dtt = dtb[j], dtu = dtt * u[t], dta = dtc[j];
       const T *B = Bt + t * n, *C = Ct + t * n;
-      T y = 0;
-#pragma omp simd reduction(+ : y)
-      for (int64_t s = 0; s < n; ++s) {
-        h[s] = exp2_fast(dta * A2r[s]) * h[s] + dtu * B[s];
-        y += h[s] * C[s];
-      }
-      y += Dd * u[t];
+#pragma omp simd
+      for (int64_t s = 0; s < n; ++s) h[s] = exp2_fast(dta * A2r[s]) * h[s] + dtu * B[s];
+      const T y = state_dot<T, N>(h, C, n) + Dd * u[t];
       o[t] = z ? y * gb[j] : y;
     }
   }
@@ -227,24 +224,11 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
         const T dtt = dtb[j], dtu = dtt * u[t], g = go ? go[t] : T(0);
         T gy = g;
         if (z) {  // dL/dgate = g (<h, C> + D u)
-          T y = 0;
-#pragma omp simd reduction(+ : y)
-          for (int64_t s = 0; s < n; ++s) y += H[s] * C[s];
-          dgb[j] = g * (y + Dd * u[t]);
+          dgb[j] = g * (state_dot<T, N>(H, C, n) + Dd * u[t]);
           gy = g * gb[j];
         }
-        T d_dtu = 0, ddtA = 0;
-#pragma omp simd reduction(+ : d_dtu, ddtA)
-        for (int64_t s = 0; s < n; ++s) {
-          const T dhs = dh[s] + gy * C[s];
-          dC[s] += gy * H[s];
-          dB[s] += dhs * dtu;
-          d_dtu += dhs * B[s];
-          const T q = dhs * Ad[s] * Hp[s];  // dL/d(dt A)
-          ddtA += q * Ar[s];
-          dAc[s] += q * dtt;
-          dh[s] = dhs * Ad[s];
-        }
+        T d_dtu, ddtA;
+        adjoint_states<T, N>(gy, dtu, dtt, H, Ad, Hp, B, C, Ar, dh, dAc, dB, dC, n, d_dtu, ddtA);
         du[t] = d_dtu * dtt + gy * Dd;
         ddtb[j] = d_dtu * u[t] + ddtA;
         dD += static_cast<double>(gy * u[t]);
