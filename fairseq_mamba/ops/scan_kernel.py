@@ -8,13 +8,15 @@ boundary; backward recomputes one chunk's states at a time from it (chunk x n va
 in L1) and runs the adjoint recurrence over them.
 
 Why a C++ extension (chosen by measurement, BENCHMARKS.md "CPU kernels"): at batch 4, dim
-1536, d_state 16, length 1000, one thread, its forward+backward runs 3.75x faster than the
-eager chunked scan (0.287 s against 1.077 s; the chunked scan's ~17-26 elementwise passes
+1536, d_state 16, length 1000, one thread, its forward+backward runs 4.05x faster than the
+eager chunked scan (0.244 s against 0.988 s; the chunked scan's ~17-26 elementwise passes
 over the state are the cost of materialising per-chunk states in eager PyTorch); the issue's
 own measurement found a naive numba loop slower than the chunked scan; torch.compile was not
 measured (it would unroll a Python loop over every time step into one graph). exp() is a
 branch-free polynomial (fast_math.h) so that the compiler vectorises the state loop; glibc's
-vector exp would need -ffast-math. Δ's softplus, silu(z) and their derivatives are computed
+vector exp would need -ffast-math. The per-step sums over states are AVX2 intrinsics where
+the build has AVX2 (state_ops.h; the compiler's in-order reductions cost ~45% of backward's
+instructions), beside the readable loops that every other build and d_state runs. Δ's softplus, silu(z) and their derivatives are computed
 in the kernel, chunk by chunk into L1 buffers, from the same polynomial: done by torch's
 eager ops they took 27% of the scan's forward+backward (profiled: softplus alone ran at
 ~9 ns an element). The (b, d, l) inputs are read in place with any batch and channel
