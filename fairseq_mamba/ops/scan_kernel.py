@@ -16,10 +16,10 @@ measured (it would unroll a Python loop over every time step into one graph). ex
 branch-free polynomial (fast_math.h) so that the compiler vectorises the state loop; glibc's
 vector exp would need -ffast-math. The per-step sums over states are AVX2 intrinsics where
 the build has AVX2 (state_ops.h; the compiler's in-order reductions cost ~45% of backward's
-instructions), beside the readable loops that every other build and d_state runs. Δ's softplus, silu(z) and their derivatives are computed
-in the kernel, chunk by chunk into L1 buffers, from the same polynomial: done by torch's
-eager ops they took 27% of the scan's forward+backward (profiled: softplus alone ran at
-~9 ns an element). The (b, d, l) inputs are read in place with any batch and channel
+instructions), beside the readable loops that every other build and d_state runs. Δ's
+softplus, silu(z) and their derivatives are computed in the kernel, chunk by chunk into L1
+buffers, from the same polynomial: done by torch's eager ops they took 27% of the scan's
+forward+backward (profiled: softplus alone ran at ~9 ns an element). The (b, d, l) inputs are read in place with any batch and channel
 strides, so the mixer's channel-major projections reach the kernel without copies.
 
 Why built just in time (``torch.utils.cpp_extension.load``, cached under

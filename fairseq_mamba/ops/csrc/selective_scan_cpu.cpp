@@ -161,7 +161,8 @@ void backward_channels(const Args<T>& a, int64_t bi, int64_t d0, int64_t d1,
                        T* __restrict__ dD_out, T* __restrict__ dbias_out) {
   const int64_t n = N > 0 ? N : a.n, L = a.chunk;
   constexpr int M = N > 0 ? N : kMaxState;
-  // The chunk's states and decays, then dt, dt's derivative, gate, sigmoid(z), dgate, ddt.
+  // The chunk's states and decays, then dt, dt's derivative, gate, sigmoid(z), dgate, ddt,
+  // capped dt.
   std::vector<T> Hbuf(L * n), Abuf(L * n), row(7 * L);
   T *dtb = row.data(), *sdt = dtb + L, *gb = sdt + L, *sz = gb + L, *dgb = sz + L, *ddtb = dgb + L,
     *dtc = ddtb + L;
